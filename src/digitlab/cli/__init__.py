@@ -1,0 +1,41 @@
+"""The `digitlab` command: a thin layer of argparse over the Python API.
+
+Each module in this package defines ``register(subparsers)``, which adds its
+commands; a command's handler is stored as the parser default ``handler`` and
+receives the parsed arguments. Modules are discovered, so adding a command
+group means adding one file here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from digitlab.errors import DigitlabError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="digitlab",
+        description="Train, evaluate, explain, serve and export a handwritten-digit CNN.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{module_info.name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the process exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        status = args.handler(args)
+    except DigitlabError as error:
+        print(f"digitlab: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("digitlab: interrupted", file=sys.stderr)
+        return 130
+    return int(status or 0)

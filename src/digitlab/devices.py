@@ -1,0 +1,121 @@
+"""Where the work runs: device choice, numeric precision, threads, and torch.distributed ranks."""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from digitlab.errors import DigitlabError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple MPS, then the CPU; `cuda`, `cuda:N`, `mps`, `cpu` are explicit."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank() if is_distributed() else 0)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DigitlabError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DigitlabError(f"device {name!r} asked for, but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DigitlabError(
+            f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DigitlabError(f"device {name!r} asked for, but Apple MPS is not available; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DigitlabError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device runs bfloat16 matrix work natively (AVX-512 BF16/AMX, or a recent GPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn `auto` into `bf16` where it is native and `fp32` elsewhere; check explicit choices."""
+    if precision not in PRECISIONS:
+        raise DigitlabError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise DigitlabError("fp16 autocast is for CUDA devices; use --precision bf16 or fp32 here")
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager:
+    """The autocast context for a resolved precision (`fp32` means none)."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def set_threads(threads: int | None) -> None:
+    """Use `threads` intra-op threads (default: PyTorch's choice, one per physical core)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise DigitlabError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+# torch.distributed, as launched by torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK).
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_distributed(device: torch.device) -> Ranks:
+    """Join the process group torchrun set up (gloo on CPU, NCCL on CUDA); single process otherwise."""
+    if not is_distributed():
+        return Ranks()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks (a no-op in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,243 @@
+"""Training runs on disk: one directory per run with everything needed to trust or continue it.
+
+    runs/<name>/
+        config.json        the training settings and data options
+        environment.json   versions, CPU, threads
+        checkpoints/       resumable training state (newest few kept)
+        metrics.csv/json   per-epoch metrics
+        model.safetensors  the final model, with its card in model.json
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from digitlab import devices
+from digitlab.data import load_mnist
+from digitlab.errors import DigitlabError
+from digitlab.evaluate import Evaluation, evaluate_tensors
+from digitlab.model import as_model_input, build_model, parameter_counts, summary
+from digitlab.serialization import save_model, write_json_atomic, write_text_atomic
+from digitlab.train import Checkpoints, History, TrainConfig, train
+
+DEFAULT_RUNS_DIR = Path("runs")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    model_path: Path
+    history: History
+    test: Evaluation
+    card: dict[str, Any]
+
+
+def environment() -> dict[str, Any]:
+    """What the run ran on: enough to explain a difference in speed or results."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def array_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """SHA-256 of each array's bytes: identifies the data whatever file format it came from."""
+    return {name: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for name, a in arrays.items()}
+
+
+def split_validation(
+    x: np.ndarray, y: np.ndarray, fraction: float
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+    """Hold out the last `fraction` of the training set for validation, as Keras' validation_split."""
+    if fraction == 0:
+        return (x, y), None
+    if not 0 < fraction < 1:
+        raise DigitlabError(f"--val-split must be between 0 and 1 (exclusive), got {fraction}")
+    cut = len(x) - int(round(len(x) * fraction))
+    if cut <= 0 or cut >= len(x):
+        raise DigitlabError(f"--val-split {fraction} leaves no training or no validation images")
+    return (x[:cut], y[:cut]), (x[cut:], y[cut:])
+
+
+def new_run_dir(root: str | os.PathLike, config: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / f"{stamp}-{config.recipe}-seed{config.seed}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def run_training(
+    config: TrainConfig,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    dataset: str = "mnist",
+    val_split: float = 0.0,
+    limit: int | None = None,
+    runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR,
+    run_dir: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> RunResult:
+    """The main job: load data, build the lab CNN, train, evaluate on the test set, save a run."""
+    if limit is not None and limit < 1:
+        raise DigitlabError(f"--limit must be at least 1 image, got {limit}")
+    if not 0 <= val_split < 1:
+        raise DigitlabError(f"--val-split must be between 0 and 1 (exclusive), got {val_split}")
+    if config.seed is None:
+        config.seed = int(np.random.SeedSequence().entropy % (2**31 - 1))
+    ranks = devices.init_distributed(devices.resolve_device(config.device))
+    main = ranks.is_main
+
+    (x_train, y_train), (x_test, y_test) = load_mnist(data_dir, dataset=dataset, progress=progress and main)
+    checksums = array_checksums({"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test})
+    if limit is not None:
+        x_train, y_train = x_train[:limit], y_train[:limit]
+    (x_fit, y_fit), validation = split_validation(x_train, y_train, val_split)
+
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(runs_dir, config)
+    settings = {"train": asdict(config), "dataset": dataset, "val_split": val_split, "limit": limit}
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", settings)
+        write_json_atomic(run_dir / "environment.json", environment())
+
+    model = build_model(seed=config.seed)
+    if main and progress:
+        print(summary(model))
+        print(f"Training on {len(x_fit):,} images ({dataset}), run directory {run_dir}")
+    started = time.perf_counter()
+    history = train(
+        model, x_fit, y_fit, config, validation=validation,
+        checkpoints=Checkpoints(run_dir / "checkpoints", keep=config.keep_checkpoints),
+        resume=resume, progress=progress,
+    )  # fmt: skip
+    wall = time.perf_counter() - started
+    training_seconds = sum(epoch["seconds"] for epoch in history.epochs)
+
+    device = devices.resolve_device(config.device)
+    test = evaluate_tensors(
+        model, as_model_input(x_test), torch.as_tensor(y_test, dtype=torch.long),
+        precision=config.precision, device=device,
+    )  # fmt: skip
+    if main and progress:
+        print(f"Elapsed time: {wall:.2f}s")
+        print(f"Test loss: {test.loss:.4f} - test accuracy: {test.accuracy:.4f}")
+
+    card = {
+        "name": run_dir.name,
+        "architecture": "digitlab lab CNN: 4 × (Conv2D 3×3 valid + BatchNorm + ReLU) with 16/32/64/128 filters, "
+        "global average pooling, Dense(10) logits",
+        "parameters": parameter_counts(model),
+        "input": {"shape": [None, 1, 28, 28], "layout": "NCHW", "dtype": "float32", "scale": "pixel / 255, white digit on black"},
+        "config": asdict(config),
+        "dataset": dataset,
+        "val_split": val_split,
+        "limit": limit,
+        "data_sha256": checksums,
+        "history": history.to_dict(),
+        "training_seconds": training_seconds,
+        "test": test.to_dict(),
+        "command": command or shlex.join(["digitlab", *sys.argv[1:]]),
+        "environment": environment(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    model_path = Path(output) if output is not None else run_dir / "model.safetensors"
+    if main:
+        write_json_atomic(run_dir / "metrics.json", history.to_dict())
+        write_text_atomic(run_dir / "metrics.csv", _epochs_csv(history))
+        save_model(model, model_path, card)
+        print(f"Saved model to {model_path}")
+    return RunResult(run_dir=run_dir, model_path=model_path, history=history, test=test, card=card)
+
+
+def resume_training(run_dir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, progress: bool = True) -> RunResult:
+    """Continue a run from its newest checkpoint with its own saved settings."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise DigitlabError(f"{run_dir} is not a digitlab run directory (no config.json); pass the run's directory")
+    try:
+        settings = json.loads(config_file.read_text())
+        known = {f.name for f in fields(TrainConfig)}
+        config = TrainConfig(**{k: v for k, v in settings["train"].items() if k in known})
+        config.validate()
+    except (ValueError, KeyError, TypeError) as error:
+        raise DigitlabError(f"{config_file} is damaged ({error}); start a new run instead") from None
+    output = run_dir / "model.safetensors"
+    return run_training(
+        config, data_dir=data_dir, dataset=settings.get("dataset", "mnist"), val_split=settings.get("val_split", 0.0),
+        limit=settings.get("limit"), run_dir=run_dir, output=output, resume=True, progress=progress,
+    )  # fmt: skip
+
+
+def _epochs_csv(history: History) -> str:
+    columns = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "samples", "seconds"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history.epochs)
+    return buffer.getvalue()
+
+
+def list_runs(root: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[dict[str, Any]]:
+    """Each run under `root` with its key figures, newest last."""
+    runs = []
+    for config_file in sorted(Path(root).glob("*/config.json")):
+        run_dir = config_file.parent
+        card_file = run_dir / "model.json"
+        card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+        settings = json.loads(config_file.read_text())
+        epochs = card.get("history", {}).get("epochs") or _history_epochs(run_dir)
+        runs.append({
+            "run": run_dir.name,
+            "recipe": settings.get("train", {}).get("recipe"),
+            "epochs": len(epochs),
+            "train_accuracy": epochs[-1]["accuracy"] if epochs else None,
+            "val_accuracy": epochs[-1].get("val_accuracy") if epochs else None,
+            "test_accuracy": card.get("test", {}).get("accuracy"),
+            "seconds": card.get("training_seconds"),
+            "status": "done" if card else "incomplete",
+        })  # fmt: skip
+    return runs
+
+
+def _history_epochs(run_dir: Path) -> list[dict[str, Any]]:
+    metrics = run_dir / "metrics.json"
+    return json.loads(metrics.read_text()).get("epochs", []) if metrics.is_file() else []

@@ -1,0 +1,183 @@
+"""Model and checkpoint files: safetensors tensors plus a JSON card, written atomically.
+
+A model file holds the network's weights (parameters and BatchNorm statistics)
+and, in its header, the model card: configuration, history and test metrics.
+The same card is written beside it as `<name>.json` for people to read.
+Nothing here unpickles: a file from anywhere can be loaded safely.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from digitlab.errors import DigitlabError
+from digitlab.model import DigitCNN, build_model
+
+FORMAT = "digitlab-model-v1"
+CHECKPOINT_FORMAT = "digitlab-checkpoint-v1"
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file so that readers see either the old or the whole new content."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def card_path(model_path: str | os.PathLike) -> Path:
+    """Where the human-readable card of a model file lives: `model.safetensors` -> `model.json`."""
+    return Path(model_path).with_suffix(".json")
+
+
+def _save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
+) -> None:
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+def _load_tensors(
+    path: str | os.PathLike, expected_format: str, what: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DigitlabError(f"{what} file not found: {path} (check the path)")
+    try:
+        tensors = load_file(path)
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+    except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as error:
+        raise DigitlabError(
+            f"{path} is not a readable safetensors file ({error}); "
+            f"pass a {what} file written by digitlab"
+        ) from None
+    metadata = header.get("__metadata__") or {}
+    if metadata.get("format") != expected_format:
+        raise DigitlabError(
+            f"{path} is not a digitlab {what} file (format {metadata.get('format')!r}, "
+            f"expected {expected_format!r}); pass a {what} file written by digitlab"
+        )
+    return tensors, metadata
+
+
+def _load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong_shape = sorted(
+        name
+        for name in set(expected) & set(tensors)
+        if tensors[name].shape != expected[name].shape
+    )
+    if missing or unexpected or wrong_shape:
+        detail = "; ".join(
+            f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+            for label, names in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", wrong_shape),
+            )
+            if names
+        )
+        raise DigitlabError(
+            f"{path} does not match the digitlab network ({detail}); "
+            "it was written for a different model"
+        )
+    model.load_state_dict(tensors)
+
+
+def save_model(model: torch.nn.Module, path: str | os.PathLike, card: dict[str, Any]) -> Path:
+    """Save weights to `path` (.safetensors) and the card to `path` with .json, atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise DigitlabError(f"model files end in .safetensors, got {path.name}; rename the output")
+    state = unwrap(model).state_dict()
+    _save_tensors(state, path, {"format": FORMAT, "card": json.dumps(card)})
+    write_json_atomic(card_path(path), card)
+    return path
+
+
+def load_model(path: str | os.PathLike) -> tuple[DigitCNN, dict[str, Any]]:
+    """Load a model file; return the network in eval mode and its card."""
+    path = Path(path)
+    tensors, metadata = _load_tensors(path, FORMAT, "model")
+    model = build_model()
+    _load_weights(model, tensors, path)
+    model.eval()
+    return model, json.loads(metadata.get("card", "{}"))
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+) -> None:
+    """Save everything needed to continue training exactly: weights, optimizer buffers, state."""
+    tensors = {f"model.{k}": v for k, v in unwrap(model).state_dict().items()}
+    for index, param_state in optimizer.state_dict()["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value
+    _save_tensors(tensors, path, {"format": CHECKPOINT_FORMAT, "state": json.dumps(state)})
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore model and optimizer from a checkpoint in place; return the training state."""
+    path = Path(path)
+    tensors, metadata = _load_tensors(path, CHECKPOINT_FORMAT, "checkpoint")
+    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    _load_weights(unwrap(model), weights, path)
+    optimizer_state = optimizer.state_dict()
+    restored: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            restored.setdefault(int(index), {})[key] = value
+    optimizer_state["state"] = restored
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError) as error:
+        raise DigitlabError(f"{path} has optimizer state that does not fit this run ({error})")
+    return json.loads(metadata["state"])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain network inside DistributedDataParallel (`.module`) or torch.compile (`._orig_mod`)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
