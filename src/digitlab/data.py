@@ -19,6 +19,7 @@ import hashlib
 import http.client
 import math
 import os
+import socket
 import struct
 import tempfile
 import urllib.error
@@ -305,8 +306,8 @@ def locate_dataset(
     explicit = _explicit_dir(data_dir)
     if explicit is not None:
         directory, described = explicit
-        idx_files, npz_path = _find_files(directory, spec)
-        if len(idx_files) < len(ARRAY_FILES) and npz_path is None:
+        if not _has_copy(directory, spec):
+            idx_files, _ = _find_files(directory, spec)
             if not directory.is_dir():
                 state = "does not exist"
             elif not idx_files:
@@ -337,12 +338,10 @@ def locate_dataset(
 def _read_arrays(directory: Path, spec: DatasetSpec) -> tuple[Arrays, dict[str, str]]:
     """The four arrays in ``directory`` (IDX files, else npz) and the source of each."""
     idx_files, npz_path = _find_files(directory, spec)
-    if len(idx_files) == len(ARRAY_FILES):
-        arrays, sources = _read_idx_files(idx_files), {k: str(p) for k, p in idx_files.items()}
-    elif npz_path is not None:
-        arrays, sources = _read_npz(npz_path), {k: f"{npz_path}[{k}]" for k in ARRAY_FILES}
+    if len(idx_files) < len(ARRAY_FILES) and npz_path is not None:
+        arrays, sources = _read_npz(npz_path), {key: f"{npz_path}[{key}]" for key in ARRAY_FILES}
     else:
-        raise DigitlabError(f"{directory} does not hold the {spec.name} files")
+        arrays, sources = _read_idx_files(idx_files), {key: str(path) for key, path in idx_files.items()}
     _check_arrays(arrays, sources, spec)
     return arrays, sources
 
@@ -457,6 +456,8 @@ def _describe_failure(error: BaseException, timeout: float) -> str:
         return f"timed out (no data for {timeout:g} s)"
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve the host ({error.strerror})"
     return str(error) or type(error).__name__
 
 

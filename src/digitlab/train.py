@@ -189,6 +189,9 @@ class Checkpoints:
     def __init__(self, directory: str | Path, keep: int = 2) -> None:
         self.directory = Path(directory)
         self.keep = keep
+        # A process killed while writing leaves its temporary file behind: never a real checkpoint.
+        for stale in self.directory.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
 
     @property
     def best_path(self) -> Path:

@@ -1,0 +1,82 @@
+"""The network is the lab's, layer for layer, with Keras' defaults."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from digitlab.errors import DigitlabError
+from digitlab.model import as_model_input, build_model, parameter_counts, prepare, summary, summary_rows
+
+
+def test_parameter_counts_match_the_lab():
+    assert parameter_counts(build_model()) == {"total": 99_402, "trainable": 98_922, "non_trainable": 480}
+
+
+def test_summary_rows_match_keras_shapes_and_counts():
+    rows = summary_rows(build_model())
+    assert [(name, shape, params) for name, _, shape, params in rows] == [
+        ("conv2d", "(None, 26, 26, 16)", 160),
+        ("batch_normalization", "(None, 26, 26, 16)", 64),
+        ("re_lu", "(None, 26, 26, 16)", 0),
+        ("conv2d_1", "(None, 24, 24, 32)", 4640),
+        ("batch_normalization_1", "(None, 24, 24, 32)", 128),
+        ("re_lu_1", "(None, 24, 24, 32)", 0),
+        ("conv2d_2", "(None, 22, 22, 64)", 18496),
+        ("batch_normalization_2", "(None, 22, 22, 64)", 256),
+        ("re_lu_2", "(None, 22, 22, 64)", 0),
+        ("conv2d_3", "(None, 20, 20, 128)", 73856),
+        ("batch_normalization_3", "(None, 20, 20, 128)", 512),
+        ("re_lu_3", "(None, 20, 20, 128)", 0),
+        ("global_average_pooling2d", "(None, 128)", 0),
+        ("dense", "(None, 10)", 1290),
+    ]
+    text = summary(build_model())
+    assert "Total params: 99,402" in text and "Non-trainable params: 480" in text
+
+
+def test_batchnorm_uses_keras_defaults():
+    bns = [m for m in build_model().modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 4
+    assert all(bn.momentum == pytest.approx(0.01) and bn.eps == pytest.approx(1e-3) for bn in bns)
+
+
+def test_initialisation_is_glorot_uniform_with_zero_biases():
+    model = build_model(seed=0)
+    for layer in (m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))):
+        fan_in = layer.weight[0].numel()
+        fan_out = layer.weight.shape[0] * layer.weight[0, 0].numel()
+        limit = (6 / (fan_in + fan_out)) ** 0.5
+        assert layer.weight.abs().max() <= limit
+        assert layer.weight.abs().max() > 0.9 * limit  # uniform over the whole range
+        assert torch.count_nonzero(layer.bias) == 0
+
+
+def test_seed_makes_initial_weights_reproducible():
+    a, b, c = build_model(seed=1), build_model(seed=1), build_model(seed=2)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+def test_forward_gives_logits_for_each_image():
+    logits = build_model().eval()(torch.rand(5, 1, 28, 28))
+    assert logits.shape == (5, 10)
+
+
+def test_prepare_is_the_labs_scale_and_reshape():
+    images = np.array([[[0, 255] * 14] * 28] * 3, dtype=np.uint8)
+    prepared = prepare(images)
+    assert prepared.shape == (3, 28, 28, 1) and prepared.dtype == np.float32
+    assert prepared.min() == 0.0 and prepared.max() == 1.0
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (4, 28, 28), (4, 28, 28, 1), (4, 1, 28, 28)])
+def test_model_input_accepts_the_usual_layouts(shape):
+    assert as_model_input(np.zeros(shape, np.uint8)).shape[1:] == (1, 28, 28)
+
+
+def test_model_input_rejects_wrong_sizes_and_ranges():
+    with pytest.raises(DigitlabError, match="28×28"):
+        as_model_input(np.zeros((2, 32, 32), np.uint8))
+    with pytest.raises(DigitlabError, match=r"\[0, 1\]"):
+        as_model_input(np.full((28, 28), 255.0))
