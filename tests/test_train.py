@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import mnist_dir
+
 from digitlab.cli import main
+from digitlab.devices import Ranks
 from digitlab.errors import DigitlabError
 from digitlab.model import build_model
 from digitlab.runs import run_training
 from digitlab.serialization import load_model
 from digitlab.train import Checkpoints, TrainConfig, epoch_order, learning_rate, train
-from digitlab.devices import Ranks
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -31,7 +31,9 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 @pytest.mark.slow
 def test_lab_recipe_one_full_epoch_learns_mnist(tmp_path, capsys):
     """The seed reached 91.64% train / 92.58% test; its own Keras code gave 86-95% test here."""
-    status = main(["train", "--seed", "0", "--data-dir", str(mnist_dir()), "--run-dir", str(tmp_path / "run")])
+    status = main(
+        ["train", "--seed", "0", "--data-dir", str(mnist_dir()), "--run-dir", str(tmp_path / "run")]
+    )
     assert status == 0
     out = capsys.readouterr().out
     assert "Total params: 99,402" in out and "Elapsed time:" in out
@@ -40,7 +42,9 @@ def test_lab_recipe_one_full_epoch_learns_mnist(tmp_path, capsys):
     assert epoch["samples"] == 60_000
     assert epoch["accuracy"] >= 0.90
     assert card["test"]["accuracy"] >= 0.85
-    assert card["config"]["lr"] == 0.1 and card["config"]["batch_size"] == 32 and card["config"]["momentum"] == 0
+    assert (
+        card["config"]["lr"] == 0.1 and card["config"]["batch_size"] == 32 and card["config"]["momentum"] == 0
+    )
     assert (tmp_path / "run" / "model.json").is_file() and (tmp_path / "run" / "metrics.csv").is_file()
 
 
@@ -78,9 +82,19 @@ def test_learning_rate_schedules():
 def test_checkpoints_keep_the_newest(mnist, tmp_path):
     (x, y), _ = mnist
     checkpoints = Checkpoints(tmp_path, keep=2)
-    train(build_model(), x[:320], y[:320], TrainConfig(epochs=2, seed=1, checkpoint_every=3), checkpoints=checkpoints, progress=False)
+    train(
+        build_model(),
+        x[:320],
+        y[:320],
+        TrainConfig(epochs=2, seed=1, checkpoint_every=3),
+        checkpoints=checkpoints,
+        progress=False,
+    )
     names = [p.name for p in checkpoints.all()]
-    assert names == ["step-000000019.safetensors", "step-000000020.safetensors"]  # every 3 steps of 10, and epoch ends
+    assert names == [
+        "step-000000019.safetensors",
+        "step-000000020.safetensors",
+    ]  # every 3 steps of 10, and epoch ends
     assert not list(tmp_path.glob(".*"))
 
 
@@ -94,7 +108,14 @@ def test_a_failed_checkpoint_write_leaves_no_file(mnist, tmp_path, monkeypatch):
 
     monkeypatch.setattr(serialization, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        train(build_model(), x[:64], y[:64], TrainConfig(seed=1, checkpoint_every=1), checkpoints=Checkpoints(tmp_path), progress=False)
+        train(
+            build_model(),
+            x[:64],
+            y[:64],
+            TrainConfig(seed=1, checkpoint_every=1),
+            checkpoints=Checkpoints(tmp_path),
+            progress=False,
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -105,15 +126,38 @@ def test_corrupted_checkpoint_is_rejected(mnist, tmp_path):
     latest = checkpoints.latest()
     latest.write_bytes(latest.read_bytes()[:100])
     with pytest.raises(DigitlabError, match="not a readable safetensors file"):
-        train(build_model(), x[:64], y[:64], TrainConfig(seed=1), checkpoints=checkpoints, resume=True, progress=False)
+        train(
+            build_model(),
+            x[:64],
+            y[:64],
+            TrainConfig(seed=1),
+            checkpoints=checkpoints,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_mismatched_checkpoint_is_rejected(mnist, tmp_path):
     (x, y), _ = mnist
     checkpoints = Checkpoints(tmp_path)
-    train(build_model(), x[:64], y[:64], TrainConfig(seed=1, epochs=2, checkpoint_every=1), checkpoints=checkpoints, progress=False)
+    train(
+        build_model(),
+        x[:64],
+        y[:64],
+        TrainConfig(seed=1, epochs=2, checkpoint_every=1),
+        checkpoints=checkpoints,
+        progress=False,
+    )
     with pytest.raises(DigitlabError, match="batch_size=32, but this run has batch_size=16"):
-        train(build_model(), x[:64], y[:64], TrainConfig(seed=1, epochs=2, batch_size=16), checkpoints=checkpoints, resume=True, progress=False)
+        train(
+            build_model(),
+            x[:64],
+            y[:64],
+            TrainConfig(seed=1, epochs=2, batch_size=16),
+            checkpoints=checkpoints,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_a_model_file_is_not_a_checkpoint(small_model_path, tmp_path):
@@ -130,7 +174,20 @@ def test_a_model_file_is_not_a_checkpoint(small_model_path, tmp_path):
 def test_val_split_outside_zero_one_is_rejected(fraction, tmp_path, capsys):
     if fraction == "0":  # 0 means no validation split at all, which is allowed; 0 < F < 1 otherwise
         fraction = "1.0"
-    status = main(["train", "--val-split", fraction, "--limit", "64", "--data-dir", str(mnist_dir()), "--run-dir", str(tmp_path / "run"), "-q"])
+    status = main(
+        [
+            "train",
+            "--val-split",
+            fraction,
+            "--limit",
+            "64",
+            "--data-dir",
+            str(mnist_dir()),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 2
     assert "--val-split must be between 0 and 1" in err and len(err.strip().splitlines()) == 1
@@ -141,7 +198,11 @@ def test_early_stopping_and_restore_best(mnist, tmp_path):
     (x, y), _ = mnist
     result = run_training(
         TrainConfig(epochs=6, seed=2, lr=2.0, early_stopping=1, restore_best=True),  # a too-high lr wobbles
-        data_dir=mnist_dir(), limit=600, val_split=0.25, run_dir=tmp_path / "run", progress=False,
+        data_dir=mnist_dir(),
+        limit=600,
+        val_split=0.25,
+        run_dir=tmp_path / "run",
+        progress=False,
     )
     epochs = result.history.epochs
     best = max(range(len(epochs)), key=lambda i: epochs[i]["val_accuracy"])
@@ -170,11 +231,15 @@ def _train_command(run_dir: Path) -> list[str]:
 @pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    reference = subprocess.run(_train_command(tmp_path / "reference"), env=env, capture_output=True, text=True, timeout=600)
+    reference = subprocess.run(
+        _train_command(tmp_path / "reference"), env=env, capture_output=True, text=True, timeout=600
+    )
     assert reference.returncode == 0, reference.stderr
 
     run_dir = tmp_path / "killed"
-    process = subprocess.Popen(_train_command(run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _train_command(run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # kill mid-way through the second epoch's checkpoints
         if any(int(p.stem.split("-")[1]) >= 90 for p in (run_dir / "checkpoints").glob("step-*.safetensors")):
@@ -192,7 +257,9 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
     a, card_a = load_model(tmp_path / "reference" / "model.safetensors")
     b, card_b = load_model(run_dir / "model.safetensors")
     assert same_weights(a, b)
-    assert [e["loss"] for e in card_a["history"]["epochs"]] == [e["loss"] for e in card_b["history"]["epochs"]]
+    assert [e["loss"] for e in card_a["history"]["epochs"]] == [
+        e["loss"] for e in card_b["history"]["epochs"]
+    ]
     assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == 5
 
 

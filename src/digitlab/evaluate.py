@@ -40,7 +40,9 @@ class Evaluation:
         hits = np.diag(self.confusion).astype(float)
         recall = hits / np.maximum(1, self.confusion.sum(axis=1))
         precision = hits / np.maximum(1, self.confusion.sum(axis=0))
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(1e-12, precision + recall), 0.0)
+        f1 = np.where(
+            precision + recall > 0, 2 * precision * recall / np.maximum(1e-12, precision + recall), 0.0
+        )
         return {"recall": recall.tolist(), "precision": precision.tolist(), "f1": f1.tolist()}
 
     def to_dict(self) -> dict[str, object]:
@@ -70,7 +72,9 @@ def batched_logits(
     outputs = []
     try:
         for start in range(0, images.shape[0], batch_size):
-            batch = images[start : start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+            batch = (
+                images[start : start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+            )
             with devices.autocast(precision, device):
                 outputs.append(model(batch).float().cpu())
     finally:
@@ -98,6 +102,29 @@ def evaluate_tensors(
     return evaluation_from_logits(logits, labels)
 
 
+def evaluate_sharded(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    ranks: devices.Ranks,
+    precision: str = "auto",
+    device: torch.device | str = "cpu",
+) -> Evaluation:
+    """Evaluate with each rank taking every world_size-th image, then sum over ranks."""
+    shard = slice(ranks.rank, None, ranks.world_size)
+    part = evaluate_tensors(
+        model, as_model_input(x[shard]), torch.as_tensor(np.asarray(y[shard]), dtype=torch.long),
+        precision=precision, device=device,
+    )  # fmt: skip
+    if ranks.world_size == 1:
+        return part
+    totals = torch.tensor([part.loss_sum, *part.confusion.flatten().tolist()], dtype=torch.float64)
+    totals = devices.all_reduce_sum(totals.to(device)).cpu()
+    confusion = totals[1:].round().to(torch.int64).view(NUM_CLASSES, NUM_CLASSES).numpy()
+    return Evaluation(loss_sum=totals[0].item(), confusion=confusion)
+
+
 def evaluate(model: object, x: np.ndarray, y: np.ndarray) -> Evaluation:
     """Test loss, accuracy and confusion matrix of a model on images (uint8 or [0, 1]) and labels.
 
@@ -119,7 +146,9 @@ def evaluate(model: object, x: np.ndarray, y: np.ndarray) -> Evaluation:
 def format_evaluation(evaluation: Evaluation, class_names: list[str] | None = None) -> str:
     """Loss and accuracy as the lab printed them, then accuracy per class."""
     names = class_names or [str(d) for d in range(NUM_CLASSES)]
-    lines = [f"Loss: {evaluation.loss:.4f}  Accuracy: {evaluation.accuracy:.4f}  ({evaluation.count:,} images)"]
+    lines = [
+        f"Loss: {evaluation.loss:.4f}  Accuracy: {evaluation.accuracy:.4f}  ({evaluation.count:,} images)"
+    ]
     per_class = evaluation.per_class()
     lines.append(f"{'class':>12}  {'accuracy':>8}  {'precision':>9}  {'f1':>6}  {'count':>6}")
     for i, name in enumerate(names):

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
 from digitlab.errors import DigitlabError
 from digitlab.evaluate import batched_logits
 from digitlab.model import as_model_input
+from digitlab.preprocess import load_image, preprocess_with_report
 from digitlab.serialization import load_model
 
 
@@ -80,3 +85,131 @@ def predict(model: nn.Module | Recognizer, images: np.ndarray | torch.Tensor) ->
     """Predict digits for 28×28 images (uint8 or floats in [0, 1]), as the lab's `model.predict`."""
     recognizer = model if isinstance(model, Recognizer) else Recognizer(model)
     return recognizer.predict(images)
+
+
+DEFAULT_MIN_CONFIDENCE = 0.5
+LOW_CONFIDENCE_WARNING = "low confidence"
+
+ImageSource = str | os.PathLike | bytes | BinaryIO | Image.Image | np.ndarray
+
+
+@dataclass
+class ImagePrediction:
+    """The recognizer's answer for one picture, or why there is none (`error`)."""
+
+    source: str
+    digit: int | None = None
+    probability: float | None = None
+    top_k: list[tuple[int, float]] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
+    image: np.ndarray | None = None
+    """The 28×28 float32 image the network saw (white on black, in [0, 1])."""
+    error: str | None = None
+    """Why the picture could not be read or has no digit; it starts with the file's path for files."""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record (without the image)."""
+        return {
+            "file": self.source,
+            "digit": self.digit,
+            "probability": self.probability,
+            "top_k": [{"digit": digit, "probability": probability} for digit, probability in self.top_k],
+            "probabilities": self.probabilities,
+            "warnings": self.warnings,
+            "error": self.error,
+        }
+
+
+def describe_source(source: ImageSource, index: int) -> str:
+    """A name for a picture in reports: its path, else its kind and position in the input."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, Image.Image) and getattr(source, "filename", ""):
+        return str(source.filename)
+    kind = (
+        "bytes"
+        if isinstance(source, (bytes, bytearray))
+        else "array"
+        if isinstance(source, np.ndarray)
+        else "image"
+    )
+    return f"<{kind} {index}>"
+
+
+def _prepare(source: ImageSource) -> tuple[np.ndarray, list[str]]:
+    """The 28×28 image for the network and the preprocessing's warnings."""
+    picture = source if isinstance(source, (Image.Image, np.ndarray)) else load_image(source)
+    image, report = preprocess_with_report(picture)
+    return image, report.warnings
+
+
+def predict_images(
+    sources: Iterable[ImageSource],
+    model: str | os.PathLike | Recognizer | nn.Module | None = None,
+    top_k: int = 3,
+    batch_size: int = 256,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    progress: bool = False,
+) -> list[ImagePrediction]:
+    """Recognize the digit in each picture: paths, bytes, PIL images or arrays of any size.
+
+    Each picture is loaded safely (`digitlab.preprocess.load_image`) and put
+    through the MNIST-style `preprocess`; pictures are then run through the
+    network `batch_size` at a time. A picture that cannot be read, or has no
+    ink, gets an `ImagePrediction` with `error` set and the rest go on.
+    Predictions below `min_confidence` and pictures that seem to hold several
+    digits carry warnings. `model`: None for the bundled model, a model file,
+    or a model/recognizer in memory. `progress` shows a bar on stderr (on a terminal).
+    """
+    if top_k < 1 or batch_size < 1:
+        raise DigitlabError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
+    if isinstance(model, Recognizer):
+        recognizer = model
+    elif isinstance(model, nn.Module):
+        recognizer = Recognizer(model)
+    else:
+        recognizer = load_recognizer(model)
+    sources = list(sources)
+    results: list[ImagePrediction] = []
+    with tqdm(total=len(sources), unit="image", disable=None if progress else True, file=sys.stderr) as bar:
+        for start in range(0, len(sources), batch_size):
+            batch = sources[start : start + batch_size]
+            results.extend(_predict_batch(recognizer, batch, start, top_k, min_confidence, bar))
+    return results
+
+
+def _predict_batch(
+    recognizer: Recognizer,
+    sources: list[ImageSource],
+    first_index: int,
+    top_k: int,
+    min_confidence: float,
+    bar: tqdm,
+) -> list[ImagePrediction]:
+    """Preprocess a batch of pictures one by one, then run the readable ones through the network at once."""
+    results = []
+    for index, source in enumerate(sources, start=first_index):
+        result = ImagePrediction(source=describe_source(source, index))
+        try:
+            result.image, result.warnings = _prepare(source)
+        except DigitlabError as error:
+            named = not isinstance(source, (str, os.PathLike)) or str(error).startswith(result.source)
+            result.error = str(error) if named else f"{result.source}: {error}"
+        results.append(result)
+        bar.update(1)
+    ready = [result for result in results if result.ok]
+    if not ready:
+        return results
+    prediction = recognizer.predict(np.stack([result.image for result in ready]))
+    for result, probabilities, best in zip(ready, prediction.probabilities, prediction.top_k(top_k)):
+        result.digit, result.probability = best[0]
+        result.top_k = best
+        result.probabilities = [float(p) for p in probabilities]
+        if result.probability < min_confidence:
+            result.warnings = [LOW_CONFIDENCE_WARNING, *result.warnings]
+    return results

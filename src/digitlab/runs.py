@@ -1,11 +1,11 @@
 """Training runs on disk: one directory per run with everything needed to trust or continue it.
 
-    runs/<name>/
-        config.json        the training settings and data options
-        environment.json   versions, CPU, threads
-        checkpoints/       resumable training state (newest few kept)
-        metrics.csv/json   per-epoch metrics
-        model.safetensors  the final model, with its card in model.json
+runs/<name>/
+    config.json        the training settings and data options
+    environment.json   versions, CPU, threads
+    checkpoints/       resumable training state (newest few kept)
+    metrics.csv/json   per-epoch metrics
+    model.safetensors  the final model, with its card in model.json
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,8 @@ import torch
 from digitlab import devices
 from digitlab.data import load_mnist
 from digitlab.errors import DigitlabError
-from digitlab.evaluate import Evaluation, evaluate_tensors
-from digitlab.model import as_model_input, build_model, parameter_counts, summary
+from digitlab.evaluate import Evaluation, evaluate_sharded
+from digitlab.model import build_model, parameter_counts, summary
 from digitlab.serialization import save_model, write_json_atomic, write_text_atomic
 from digitlab.train import Checkpoints, History, TrainConfig, train
 
@@ -120,10 +120,11 @@ def run_training(
         raise DigitlabError(f"--limit must be at least 1 image, got {limit}")
     if not 0 <= val_split < 1:
         raise DigitlabError(f"--val-split must be between 0 and 1 (exclusive), got {val_split}")
-    if config.seed is None:
-        config.seed = int(np.random.SeedSequence().entropy % (2**31 - 1))
-    ranks = devices.init_distributed(devices.resolve_device(config.device))
+    device = devices.resolve_device(config.device)
+    ranks = devices.init_distributed(device)
     main = ranks.is_main
+    if config.seed is None:  # chosen once, by rank 0, and recorded so the run can be repeated
+        config.seed = devices.broadcast_object(int(np.random.SeedSequence().entropy % (2**31 - 1)))
 
     (x_train, y_train), (x_test, y_test) = load_mnist(data_dir, dataset=dataset, progress=progress and main)
     checksums = array_checksums({"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test})
@@ -131,7 +132,9 @@ def run_training(
         x_train, y_train = x_train[:limit], y_train[:limit]
     (x_fit, y_fit), validation = split_validation(x_train, y_train, val_split)
 
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(runs_dir, config)
+    run_dir = (
+        Path(run_dir) if run_dir is not None else devices.broadcast_object(new_run_dir(runs_dir, config))
+    )
     settings = {"train": asdict(config), "dataset": dataset, "val_split": val_split, "limit": limit}
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -151,11 +154,7 @@ def run_training(
     wall = time.perf_counter() - started
     training_seconds = sum(epoch["seconds"] for epoch in history.epochs)
 
-    device = devices.resolve_device(config.device)
-    test = evaluate_tensors(
-        model, as_model_input(x_test), torch.as_tensor(y_test, dtype=torch.long),
-        precision=config.precision, device=device,
-    )  # fmt: skip
+    test = evaluate_sharded(model, x_test, y_test, ranks=ranks, precision=config.precision, device=device)
     if main and progress:
         print(f"Elapsed time: {wall:.2f}s")
         print(f"Test loss: {test.loss:.4f} - test accuracy: {test.accuracy:.4f}")
@@ -165,7 +164,12 @@ def run_training(
         "architecture": "digitlab lab CNN: 4 × (Conv2D 3×3 valid + BatchNorm + ReLU) with 16/32/64/128 filters, "
         "global average pooling, Dense(10) logits",
         "parameters": parameter_counts(model),
-        "input": {"shape": [None, 1, 28, 28], "layout": "NCHW", "dtype": "float32", "scale": "pixel / 255, white digit on black"},
+        "input": {
+            "shape": [None, 1, 28, 28],
+            "layout": "NCHW",
+            "dtype": "float32",
+            "scale": "pixel / 255, white digit on black",
+        },
         "config": asdict(config),
         "dataset": dataset,
         "val_split": val_split,
@@ -176,7 +180,7 @@ def run_training(
         "test": test.to_dict(),
         "command": command or shlex.join(["digitlab", *sys.argv[1:]]),
         "environment": environment(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     model_path = Path(output) if output is not None else run_dir / "model.safetensors"
     if main:
@@ -187,12 +191,16 @@ def run_training(
     return RunResult(run_dir=run_dir, model_path=model_path, history=history, test=test, card=card)
 
 
-def resume_training(run_dir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, progress: bool = True) -> RunResult:
+def resume_training(
+    run_dir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, progress: bool = True
+) -> RunResult:
     """Continue a run from its newest checkpoint with its own saved settings."""
     run_dir = Path(run_dir)
     config_file = run_dir / "config.json"
     if not config_file.is_file():
-        raise DigitlabError(f"{run_dir} is not a digitlab run directory (no config.json); pass the run's directory")
+        raise DigitlabError(
+            f"{run_dir} is not a digitlab run directory (no config.json); pass the run's directory"
+        )
     try:
         settings = json.loads(config_file.read_text())
         known = {f.name for f in fields(TrainConfig)}

@@ -81,8 +81,7 @@ def _load_tensors(
             header = json.loads(f.read(header_len))
     except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as error:
         raise DigitlabError(
-            f"{path} is not a readable safetensors file ({error}); "
-            f"pass a {what} file written by digitlab"
+            f"{path} is not a readable safetensors file ({error}); pass a {what} file written by digitlab"
         ) from None
     metadata = header.get("__metadata__") or {}
     if metadata.get("format") != expected_format:
@@ -98,9 +97,7 @@ def _load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong_shape = sorted(
-        name
-        for name in set(expected) & set(tensors)
-        if tensors[name].shape != expected[name].shape
+        name for name in set(expected) & set(tensors) if tensors[name].shape != expected[name].shape
     )
     if missing or unexpected or wrong_shape:
         detail = "; ".join(
@@ -113,8 +110,7 @@ def _load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path
             if names
         )
         raise DigitlabError(
-            f"{path} does not match the digitlab network ({detail}); "
-            "it was written for a different model"
+            f"{path} does not match the digitlab network ({detail}); it was written for a different model"
         )
     model.load_state_dict(tensors)
 
@@ -173,7 +169,7 @@ def load_checkpoint(
     try:
         optimizer.load_state_dict(optimizer_state)
     except (ValueError, KeyError) as error:
-        raise DigitlabError(f"{path} has optimizer state that does not fit this run ({error})")
+        raise DigitlabError(f"{path} has optimizer state that does not fit this run ({error})") from None
     return json.loads(metadata["state"])
 
 

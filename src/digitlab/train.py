@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from digitlab import devices
 from digitlab.errors import DigitlabError
-from digitlab.evaluate import Evaluation, evaluate_tensors
+from digitlab.evaluate import evaluate_sharded
 from digitlab.model import as_model_input
 from digitlab.serialization import load_checkpoint, load_model, save_checkpoint, save_model, unwrap
 
@@ -268,7 +268,9 @@ def train(
     optimizer = _make_optimizer(model, config)
     net: nn.Module = model
     if ranks.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if config.compile:
         net = torch.compile(net)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -287,7 +289,9 @@ def train(
         history = History.from_dict(state["history"])
         best = state["best"]
         if ranks.is_main:
-            print(f"Resuming from {latest} (epoch {state['epoch'] + 1}, step {state['step']})", file=sys.stderr)
+            print(
+                f"Resuming from {latest} (epoch {state['epoch'] + 1}, step {state['step']})", file=sys.stderr
+            )
 
     def save_state(epoch: int, step: int, sums: torch.Tensor, elapsed: float) -> None:
         if checkpoints is None or not ranks.is_main:
@@ -304,7 +308,9 @@ def train(
         # Running sums of loss, correct predictions and samples: kept as tensors to avoid syncs.
         sums = torch.zeros(3, dtype=torch.float64, device=device)
         if start_step:
-            sums += torch.tensor([state["loss_sum"], state["correct"], state["seen"]], dtype=torch.float64, device=device)
+            sums += torch.tensor(
+                [state["loss_sum"], state["correct"], state["seen"]], dtype=torch.float64, device=device
+            )
         elapsed_before = state["elapsed"] if start_step else 0.0
         order = epoch_order(images.shape[0], config.seed, epoch, ranks).to(device)
         epoch_images, epoch_labels = images[order], labels[order]
@@ -332,7 +338,9 @@ def train(
             loss.backward()
             optimizer.step()
             with torch.no_grad():
-                sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(), torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+                sums[0] += loss.detach() * len(y)
+                sums[1] += (logits.argmax(1) == y).sum()
+                sums[2] += len(y)
 
             done = step + 1
             if done % log_every == 0 or done == steps_per_epoch:
@@ -340,8 +348,11 @@ def train(
             now = time.perf_counter()
             if bar.disable is False and (now - last_shown > 0.25 or done == steps_per_epoch):
                 running = _running(sums, epoch, done, global_step + 1)
-                rate = (sums[2].item() - (state["seen"] if start_step else 0)) / max(now - started, 1e-9)
-                bar.set_postfix_str(f"loss: {running['loss']:.4f} - accuracy: {running['accuracy']:.4f} - {rate * ranks.world_size:,.0f} img/s", refresh=False)
+                rate = (done - start_step) * config.batch_size * ranks.world_size / max(now - started, 1e-9)
+                bar.set_postfix_str(
+                    f"loss: {running['loss']:.4f} - accuracy: {running['accuracy']:.4f} - {rate:,.0f} img/s",
+                    refresh=False,
+                )
                 last_shown = now
             bar.update(1)
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps_per_epoch:
@@ -359,12 +370,18 @@ def train(
             "seconds": elapsed_before + time.perf_counter() - started,
         }
         if validation is not None:
-            evaluation = _evaluate_sharded(model, validation, ranks, precision, device)
+            evaluation = evaluate_sharded(
+                unwrap(model), *validation, ranks=ranks, precision=precision, device=device
+            )
             record.update(val_loss=evaluation.loss, val_accuracy=evaluation.accuracy)
             if evaluation.accuracy > best["val_accuracy"]:
                 best = {"epoch": epoch + 1, "val_accuracy": evaluation.accuracy}
                 if config.restore_best and checkpoints is not None and ranks.is_main:
-                    save_model(model, checkpoints.best_path, {"epoch": epoch + 1, "val_accuracy": evaluation.accuracy})
+                    save_model(
+                        model,
+                        checkpoints.best_path,
+                        {"epoch": epoch + 1, "val_accuracy": evaluation.accuracy},
+                    )
         history.epochs.append(record)
         if ranks.is_main and progress:
             print(_epoch_line(record), file=sys.stdout, flush=True)
@@ -393,11 +410,21 @@ def _as_uint8_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def _running(sums: torch.Tensor, epoch: int, step: int, global_step: int) -> dict[str, float]:
     loss_sum, correct, seen = sums.tolist()
-    return {"epoch": epoch + 1, "step": step, "global_step": global_step, "loss": loss_sum / seen, "accuracy": correct / seen}
+    return {
+        "epoch": epoch + 1,
+        "step": step,
+        "global_step": global_step,
+        "loss": loss_sum / seen,
+        "accuracy": correct / seen,
+    }
 
 
 def _epoch_line(record: dict[str, float]) -> str:
-    parts = [f"Epoch {record['epoch']}: {record['seconds']:.1f}s", f"loss: {record['loss']:.4f}", f"accuracy: {record['accuracy']:.4f}"]
+    parts = [
+        f"Epoch {record['epoch']}: {record['seconds']:.1f}s",
+        f"loss: {record['loss']:.4f}",
+        f"accuracy: {record['accuracy']:.4f}",
+    ]
     if "val_loss" in record:
         parts += [f"val_loss: {record['val_loss']:.4f}", f"val_accuracy: {record['val_accuracy']:.4f}"]
     return " - ".join(parts)
@@ -409,15 +436,3 @@ def _sync_batchnorm_statistics(model: nn.Module) -> None:
         return
     for buffer in unwrap(model).buffers():
         torch.distributed.broadcast(buffer, src=0)
-
-
-def _evaluate_sharded(
-    model: nn.Module, data: tuple[np.ndarray, np.ndarray], ranks: devices.Ranks, precision: str, device: torch.device
-) -> Evaluation:
-    """Evaluate with each rank taking every world_size-th image, then sum the results."""
-    images, labels = data
-    shard = slice(ranks.rank, None, ranks.world_size)
-    evaluation = evaluate_tensors(unwrap(model), as_model_input(images[shard]), torch.as_tensor(np.asarray(labels[shard]), dtype=torch.long), precision=precision, device=device)
-    totals = torch.cat([torch.tensor([evaluation.loss_sum], dtype=torch.float64), torch.as_tensor(evaluation.confusion, dtype=torch.float64).flatten()])
-    totals = devices.all_reduce_sum(totals.to(device)).cpu()
-    return Evaluation(loss_sum=totals[0].item(), confusion=totals[1:].view(10, 10).round().to(torch.int64).numpy())

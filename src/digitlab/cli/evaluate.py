@@ -10,7 +10,9 @@ from digitlab.cli.data import add_data_arguments
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate", help="test loss, accuracy and per-class accuracy of a model")
-    parser.add_argument("model", nargs="?", help="model file (.safetensors or exported .onnx; default: bundled)")
+    parser.add_argument(
+        "model", nargs="?", help="model file (.safetensors or exported .onnx; default: bundled)"
+    )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_data_arguments(parser)
     parser.set_defaults(handler=run_evaluate)

@@ -16,7 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train the lab's CNN, evaluate it on the test set and save the run "
         "(config, metrics, checkpoints, model). Options override the chosen recipe.",
     )
-    train.add_argument("--recipe", default="lab", help="lab (the seed lab, default) or best (highest accuracy)")
+    train.add_argument(
+        "--recipe", default="lab", help="lab (the seed lab, default) or best (highest accuracy)"
+    )
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", type=int, help="per process under torchrun")
     train.add_argument("--lr", type=float, help="peak learning rate")
@@ -32,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="fraction of the training set held out for validation (0 < F < 1)")  # fmt: skip
     train.add_argument("--limit", type=int, help="train on the first N training images only")
     train.add_argument("--precision", help="auto (bf16 where native), fp32, bf16 or fp16 (CUDA)")
-    train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="use torch.compile")
+    train.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="use torch.compile"
+    )
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     train.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     train.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
@@ -45,7 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
     train.add_argument("--run-dir", help="exact directory for this run")
     train.add_argument("-o", "--output", help="also the path of the final model (.safetensors)")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint")
+    train.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint"
+    )
     train.add_argument("-q", "--quiet", action="store_true", help="no summary or progress bar")
     add_data_arguments(train)
     train.set_defaults(handler=run_train)
@@ -65,23 +71,26 @@ def run_train(args: argparse.Namespace) -> int:
     from digitlab.train import TrainConfig
 
     devices.set_threads(args.threads)
-    if args.resume:
-        resume_training(args.resume, data_dir=args.data_dir, progress=not args.quiet)
+    try:
+        if args.resume:
+            resume_training(args.resume, data_dir=args.data_dir, progress=not args.quiet)
+            return 0
+        config = TrainConfig.from_recipe(
+            args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+            nesterov=args.nesterov, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+            schedule=args.schedule, augment=args.augment, seed=args.seed, precision=args.precision,
+            compile=args.compile, channels_last=args.channels_last, device=args.device,
+            checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+            early_stopping=args.early_stopping, restore_best=args.restore_best,
+        )  # fmt: skip
+        run_training(
+            config, data_dir=args.data_dir, dataset=args.dataset, val_split=args.val_split, limit=args.limit,
+            runs_dir=args.runs_dir, run_dir=args.run_dir, output=args.output, progress=not args.quiet,
+            command=shlex.join(["digitlab", *sys.argv[1:]]),
+        )  # fmt: skip
         return 0
-    config = TrainConfig.from_recipe(
-        args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        nesterov=args.nesterov, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-        schedule=args.schedule, augment=args.augment, seed=args.seed, precision=args.precision,
-        compile=args.compile, channels_last=args.channels_last, device=args.device,
-        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-        early_stopping=args.early_stopping, restore_best=args.restore_best,
-    )  # fmt: skip
-    run_training(
-        config, data_dir=args.data_dir, dataset=args.dataset, val_split=args.val_split, limit=args.limit,
-        runs_dir=args.runs_dir, run_dir=args.run_dir, output=args.output, progress=not args.quiet,
-        command=shlex.join(["digitlab", *sys.argv[1:]]),
-    )  # fmt: skip
-    return 0
+    finally:
+        devices.shutdown_distributed()
 
 
 def run_summary(args: argparse.Namespace) -> int:
@@ -104,7 +113,9 @@ def run_runs(args: argparse.Namespace) -> int:
     def pct(value: float | None) -> str:
         return f"{value:.2%}" if value is not None else "-"
 
-    print(f"{'run':<44} {'recipe':<6} {'epochs':>6} {'train':>8} {'val':>8} {'test':>8} {'seconds':>8}  status")
+    print(
+        f"{'run':<44} {'recipe':<6} {'epochs':>6} {'train':>8} {'val':>8} {'test':>8} {'seconds':>8}  status"
+    )
     for run in runs:
         seconds = f"{run['seconds']:.1f}" if run["seconds"] is not None else "-"
         print(

@@ -1,0 +1,556 @@
+"""MNIST-style preprocessing: turn a picture of a handwritten digit into what the network expects.
+
+MNIST digits are white ink on black, the ink's bounding box scaled (keeping its
+aspect ratio, with anti-aliasing) so that its longer side is 20 pixels, and
+pasted into a 28×28 field so that the ink's centre of mass sits at the centre.
+A scan, a phone photo or a paint-program drawing is none of that, so
+`preprocess` applies these steps, each a small public function:
+
+1. `to_greyscale`: luminance in [0, 1] (1 = white); transparent pixels are laid over white.
+2. `limit_size`: very large pictures are first reduced (area average) to at most 512 px.
+3. `denoise`: replace isolated specks (salt-and-pepper noise) by their neighbours' mean.
+4. `ink_is_dark` and `to_ink`: decide the polarity from the background (the picture's outer band)
+   and invert dark-on-light pictures, so that ink is bright.
+5. `flatten_background` (uneven lighting only) and `threshold`: subtract the background, stretch
+   the ink to 1, and zero faint pixels that are not next to ink (the strokes' anti-aliased rim stays).
+6. `remove_border_lines` and `remove_specks`: drop a frame drawn around the digit and small
+   specks of noise (`connected_components` labels the ink).
+7. `crop_to_ink`: crop to the ink's bounding box, with a margin of background.
+8. `fit_to_box`: scale the longer side of the ink to 20 px, keeping the aspect ratio.
+9. `center_by_mass`: paste into 28×28 so that the centre of mass is at the centre.
+
+A 28×28 MNIST digit (white on black, uint8 or floats in [0, 1]) goes through
+these steps essentially unchanged. `load_image` opens untrusted files safely.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from digitlab.errors import DigitlabError
+
+MAX_PIXELS = 50_000_000
+"""Largest image (width × height) `load_image` decodes: a 50-megapixel photo, no decompression bombs."""
+
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+"""Pillow formats `load_image` decodes (JPEG includes phone cameras' multi-picture JPEGs); no others."""
+
+FIELD_SIZE = 28
+BOX_SIZE = 20
+WORKING_SIZE = 512
+MIN_CONTRAST = 0.08
+MIN_INK_LEVEL = 0.1
+SPECK_FRACTION = 0.05
+DIGIT_FRACTION = 0.25
+MAX_SINGLE_DIGIT_ASPECT = 1.5
+NO_INK_MESSAGE = "no ink found in the image: it is blank or has too little contrast; crop it to the digit"
+MULTIPLE_DIGITS_WARNING = "may contain more than one digit"
+
+
+@dataclass
+class PreprocessReport:
+    """What `preprocess_with_report` found in a picture."""
+
+    inverted: bool
+    """The picture was dark ink on a light background and was inverted."""
+    ink_box: tuple[int, int, int, int]
+    """The ink's bounding box (top, left, bottom, right; bottom and right exclusive) in the picture's pixels."""
+    components: int
+    """Separate pieces of ink large enough to be (part of) a digit."""
+    multiple_digits: bool
+    """The ink looks like more than one digit: pieces side by side, or a very wide shape."""
+    warnings: list[str] = field(default_factory=list)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image file, bytes or binary stream, rejecting anything unsafe or broken.
+
+    The size the file declares is checked against `max_pixels` before any pixel
+    is decoded; a photo's EXIF orientation is applied. Raises `DigitlabError` for missing, empty, non-image, truncated
+    or oversized data; messages about a path start with the path.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise DigitlabError(f"{path}: no such file")
+        if path.is_dir():
+            raise DigitlabError(f"{path}: is a directory, not an image file")
+        if path.stat().st_size == 0:
+            raise DigitlabError(f"{path}: the file is empty")
+        with open(path, "rb") as stream:
+            return _decode(stream, f"{path}: ", max_pixels)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif hasattr(source, "read"):
+        data = source.read()
+    else:
+        raise DigitlabError(f"cannot read an image from a {type(source).__name__}; pass a path, bytes or a file")
+    if not data:
+        raise DigitlabError("the image data is empty")
+    return _decode(io.BytesIO(data), "", max_pixels)
+
+
+def _decode(stream: BinaryIO, prefix: str, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(stream, formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as error:
+        declared = re.search(r"(\d+) pixels", str(error))
+        size = f"{int(declared.group(1)):,} pixels" if declared else "too many pixels"
+        raise DigitlabError(f"{prefix}{_too_large(size, max_pixels)}") from None
+    except UnidentifiedImageError:
+        raise DigitlabError(f"{prefix}not an image digitlab can read (PNG, JPEG, BMP, GIF, TIFF, WebP)") from None
+    except Exception as error:  # Pillow's parsers raise many types on malformed headers
+        raise DigitlabError(f"{prefix}cannot read the image header ({error})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise DigitlabError(f"{prefix}{_too_large(f'{width}×{height} = {width * height:,} pixels', max_pixels)}")
+    if width == 0 or height == 0:
+        raise DigitlabError(f"{prefix}the image has no pixels ({width}×{height})")
+    try:
+        image.load()
+        return ImageOps.exif_transpose(image)  # phone photos: turn upright as the camera was held
+    except Exception as error:
+        raise DigitlabError(f"{prefix}the image data is truncated or corrupt ({error})") from None
+
+
+def _too_large(size: str, max_pixels: int) -> str:
+    return f"the image is too large ({size}, the limit is {max_pixels:,}); scale it down first"
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+
+
+def preprocess(image: Image.Image | np.ndarray) -> np.ndarray:
+    """A 28×28 float32 image, white ink on black in [0, 1], as the network expects; see the module doc."""
+    return preprocess_with_report(image)[0]
+
+
+def preprocess_with_report(image: Image.Image | np.ndarray) -> tuple[np.ndarray, PreprocessReport]:
+    """`preprocess`, and a report of the polarity, the ink's box and whether there may be several digits.
+
+    Raises `DigitlabError` when there is no ink.
+    """
+    grey = to_greyscale(image)
+    original_height, original_width = grey.shape
+    grey = limit_size(grey)
+    grey = denoise(grey)
+    dark = ink_is_dark(grey)
+    ink = threshold(flatten_background(to_ink(grey, dark)))
+    ink, pieces = _specks_and_pieces(remove_border_lines(ink))
+    top, left, bottom, right = ink_box(ink)
+    multiple = looks_like_several_digits(ink, pieces)
+    digit = center_by_mass(fit_to_box(crop_to_ink(ink)))
+    row_scale, col_scale = original_height / grey.shape[0], original_width / grey.shape[1]
+    report = PreprocessReport(
+        inverted=dark,
+        ink_box=(
+            int(top * row_scale),
+            int(left * col_scale),
+            math.ceil(bottom * row_scale),
+            math.ceil(right * col_scale),
+        ),
+        components=len(pieces),
+        multiple_digits=multiple,
+        warnings=[MULTIPLE_DIGITS_WARNING] if multiple else [],
+    )
+    return digit, report
+
+
+def to_greyscale(image: Image.Image | np.ndarray) -> np.ndarray:
+    """Luminance as float32 in [0, 1] (1 = white), with transparent pixels laid over white.
+
+    A picture that is uniform once laid over white (light ink drawn on a transparent
+    background) uses its opacity as the ink instead. Arrays may be H×W, H×W×1,
+    H×W×3 or H×W×4, uint8 or floats in [0, 1].
+    """
+    if isinstance(image, Image.Image):
+        return _pil_to_greyscale(image)
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise DigitlabError(f"an image array must be H×W, H×W×1, H×W×3 or H×W×4, got shape {array.shape}")
+    if min(array.shape[:2]) == 0:
+        raise DigitlabError(f"the image has no pixels (shape {array.shape})")
+    values = _unit_range(array)
+    if values.ndim == 2:
+        return values
+    return _composite_over_white(values[:, :, :3], values[:, :, 3] if values.shape[2] == 4 else None)
+
+
+def _pil_to_greyscale(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return _unit_range(np.asarray(image, dtype=np.float64))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+        return _composite_over_white(rgba[:, :, :3], rgba[:, :, 3])
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def _unit_range(array: np.ndarray) -> np.ndarray:
+    """Pixel values scaled to [0, 1]: uint8 by 255, 16-bit by 65535, floats kept if already in [0, 1]."""
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if not np.issubdtype(array.dtype, np.number):
+        raise DigitlabError(f"image pixels must be numbers, got {array.dtype}")
+    values = array.astype(np.float32)
+    if not np.isfinite(values).all() or values.min() < 0:
+        raise DigitlabError("image pixels must be finite and not negative")
+    peak = float(values.max())
+    if peak <= 1.0 and np.issubdtype(array.dtype, np.floating):
+        return values
+    return values / (255.0 if peak <= 255 else 65535.0)
+
+
+def _composite_over_white(rgb: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
+    luminance = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if alpha is None:
+        return luminance.astype(np.float32)
+    grey = alpha * luminance + (1.0 - alpha)
+    if np.ptp(grey) < MIN_CONTRAST <= np.ptp(alpha):
+        grey = 1.0 - alpha
+    return grey.astype(np.float32)
+
+
+def limit_size(grey: np.ndarray, max_side: int = WORKING_SIZE) -> np.ndarray:
+    """Reduce a picture whose longer side exceeds `max_side`, averaging areas (anti-aliased)."""
+    height, width = grey.shape
+    if max(height, width) <= max_side:
+        return grey
+    scale = max_side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(grey.astype(np.float32)).resize(size, Image.Resampling.BOX))
+
+
+def denoise(grey: np.ndarray, jump: float = 0.25) -> np.ndarray:
+    """Remove salt-and-pepper noise: lone pixels brighter or darker by `jump` than all eight neighbours.
+
+    A pixel counts as a speck only where its neighbours are alike (within
+    `jump` of each other): it then takes their mean. Unlike a median filter,
+    this never touches a stroke, however thin (a stroke pixel has neighbours
+    like itself, and a stroke's edge has unlike neighbours), so MNIST's 28×28
+    digits come through intact; specks of two or more pixels are left to
+    `remove_specks`.
+    """
+    height, width = grey.shape
+    if min(height, width) < 2:
+        return grey
+    padded = np.pad(grey, 1, mode="reflect")  # an edge pixel's outside neighbours mirror its inside ones
+    neighbours = np.stack(
+        [padded[dr : dr + height, dc : dc + width] for dr in range(3) for dc in range(3) if (dr, dc) != (1, 1)]
+    )
+    highest, lowest = neighbours.max(axis=0), neighbours.min(axis=0)
+    isolated = ((grey > highest + jump) | (grey < lowest - jump)) & (highest - lowest < jump)
+    if not isolated.any():
+        return grey
+    return np.where(isolated, neighbours.mean(axis=0), grey).astype(np.float32)
+
+
+def _outer_band(image: np.ndarray) -> np.ndarray:
+    """The pixels within 10% of the picture's edges: mostly background in any picture of a digit."""
+    height, width = image.shape
+    rows, cols = max(1, round(0.1 * height)), max(1, round(0.1 * width))
+    inner = np.ones(image.shape, dtype=bool)
+    inner[:rows], inner[-rows:], inner[:, :cols], inner[:, -cols:] = False, False, False, False
+    band = image[~inner]
+    return band if band.size else image.ravel()
+
+
+def background_level(image: np.ndarray) -> float:
+    """The background's value: the median of the picture's outer band."""
+    return float(np.median(_outer_band(image)))
+
+
+def ink_is_dark(grey: np.ndarray) -> bool:
+    """Whether the ink is darker than the background (dark on light), from a greyscale picture.
+
+    The background is the outer band's median; the ink is whichever extreme (the
+    darkest or the lightest 0.5% of pixels) lies farther from it. When neither
+    clearly does, a light background means dark ink.
+    """
+    background = background_level(grey)
+    darkest, lightest = np.percentile(grey, [0.5, 99.5])
+    darker, lighter = background - darkest, lightest - background
+    if abs(darker - lighter) < 0.1:
+        return background > 0.5
+    return bool(darker > lighter)
+
+
+def to_ink(grey: np.ndarray, dark_ink: bool) -> np.ndarray:
+    """Bright ink on a dark background: the greyscale picture, inverted if its ink is dark."""
+    return (1.0 - grey) if dark_ink else grey
+
+
+def flatten_background(ink: np.ndarray, grid: int = 6, spread: float = 0.08) -> np.ndarray:
+    """Subtract an unevenly lit background (a photo's shadow or gradient) from the ink map.
+
+    Only done when the picture's four edges differ in level by more than
+    `spread`; the background is then the 25th percentile of each cell of a
+    grid×grid split, the lowest of each cell's neighbours, interpolated smoothly.
+    """
+    height, width = ink.shape
+    rows, cols = max(1, round(0.1 * height)), max(1, round(0.1 * width))
+    edges = [ink[:rows], ink[-rows:], ink[:, :cols], ink[:, -cols:]]
+    levels = [float(np.median(edge)) for edge in edges]
+    if max(levels) - min(levels) <= spread or min(height, width) < 2 * grid:
+        return ink
+    cells = np.array(
+        [[np.percentile(cell, 25) for cell in np.array_split(band, grid, axis=1)]
+         for band in np.array_split(ink, grid, axis=0)],
+        dtype=np.float32,
+    )
+    cells = -_neighbourhood_max(-cells)  # neighbourhood minimum: cells full of ink take their neighbours' level
+    background = Image.fromarray(cells).resize((width, height), Image.Resampling.BILINEAR)
+    return np.clip(ink - np.asarray(background), 0.0, 1.0).astype(np.float32)
+
+
+def _neighbourhood_max(values: np.ndarray) -> np.ndarray:
+    """Each element's maximum over its 3×3 neighbourhood (a dilation, for boolean masks)."""
+    padded = np.pad(values, 1, mode="edge")
+    height, width = values.shape
+    return np.max([padded[dr : dr + height, dc : dc + width] for dr in range(3) for dc in range(3)], axis=0)
+
+
+def threshold(ink: np.ndarray) -> np.ndarray:
+    """Background to 0, brightest ink to 1, and faint pixels away from the strokes to 0.
+
+    The cut-off is 10% of the ink's level, or four times the noise (estimated
+    from the median absolute deviation) if that is higher. Pixels below it are
+    kept when they touch a stroke (in a noisy picture, only those above half
+    the cut-off), so the anti-aliased rim survives. Raises `DigitlabError` for
+    a picture with (almost) no contrast.
+    """
+    background = background_level(ink)
+    level = float(ink.max())
+    if level - background < MIN_CONTRAST:
+        raise DigitlabError(NO_INK_MESSAGE)
+    stretched = np.clip((ink - background) / (level - background), 0.0, 1.0).astype(np.float32)
+    noise = 1.4826 * float(np.median(np.abs(stretched - np.median(stretched))))
+    cut = min(0.5, max(MIN_INK_LEVEL, 4.0 * noise))
+    strokes = stretched >= cut
+    near_strokes = _neighbourhood_max(strokes)
+    keep = near_strokes & (stretched >= cut / 2) if noise > 0.02 else near_strokes
+    return np.where(keep, stretched, 0.0).astype(np.float32)
+
+
+def remove_border_lines(ink: np.ndarray, coverage: float = 0.8) -> np.ndarray:
+    """Erase a frame around the digit: lines along at least two edges, covering most of their length.
+
+    Only rows and columns within 15% of an edge count; everything from the edge
+    to the innermost such line (and one pixel more, its rim) becomes background.
+    """
+    mask = ink > 0
+    height, width = mask.shape
+    band_rows, band_cols = max(1, math.ceil(0.15 * height)), max(1, math.ceil(0.15 * width))
+    row_full = mask.mean(axis=1) >= coverage
+    col_full = mask.mean(axis=0) >= coverage
+
+    def innermost(full: np.ndarray, band: int) -> int:
+        """How many lines from this edge to clear: 0 if no line, else up to the innermost line plus one."""
+        hits = np.flatnonzero(full[:band])
+        return int(hits[-1]) + 2 if hits.size else 0
+
+    top, bottom = innermost(row_full, band_rows), innermost(row_full[::-1], band_rows)
+    left, right = innermost(col_full, band_cols), innermost(col_full[::-1], band_cols)
+    if sum(side > 0 for side in (top, bottom, left, right)) < 2:
+        return ink
+    cleaned = ink.copy()
+    cleaned[:top], cleaned[height - bottom :], cleaned[:, :left], cleaned[:, width - right :] = 0, 0, 0, 0
+    return cleaned
+
+
+def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Label the 8-connected regions of a boolean mask: (int32 labels, 0 for background and 1..n, n).
+
+    Works on runs of pixels within rows, joined with a union-find across
+    neighbouring rows, so it is fast even on large pictures.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    height, width = mask.shape
+    framed = np.zeros((height, width + 2), dtype=np.int8)
+    framed[:, 1:-1] = mask
+    edges = np.diff(framed, axis=1)
+    run_rows, run_starts = np.nonzero(edges == 1)
+    run_ends = np.nonzero(edges == -1)[1]  # exclusive; row-major order pairs them with the starts
+    runs = len(run_rows)
+    labels = np.zeros((height, width), dtype=np.int32)
+    if runs == 0:
+        return labels, 0
+    parent = list(range(runs))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    starts, ends = run_starts.tolist(), run_ends.tolist()
+    row_first = np.searchsorted(run_rows, np.arange(height + 1)).tolist()
+    for row in range(1, height):
+        i, i_stop = row_first[row - 1], row_first[row]
+        j, j_stop = row_first[row], row_first[row + 1]
+        while i < i_stop and j < j_stop:
+            if starts[i] <= ends[j] and starts[j] <= ends[i]:  # overlapping or diagonally touching
+                root_i, root_j = find(i), find(j)
+                if root_i != root_j:
+                    parent[max(root_i, root_j)] = min(root_i, root_j)
+            if ends[i] < ends[j]:
+                i += 1
+            else:
+                j += 1
+    roots = np.array([find(i) for i in range(runs)])
+    _, run_labels = np.unique(roots, return_inverse=True)
+    lengths = run_ends - run_starts
+    first_pixel = run_rows * width + run_starts
+    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    labels.ravel()[np.repeat(first_pixel, lengths) + offsets] = np.repeat(run_labels + 1, lengths)
+    return labels, int(run_labels.max()) + 1
+
+
+def remove_specks(ink: np.ndarray, fraction: float = SPECK_FRACTION) -> np.ndarray:
+    """Erase pieces of ink whose mass is below `fraction` of the largest piece's (noise, dust)."""
+    return _specks_and_pieces(ink, fraction)[0]
+
+
+def digit_pieces(ink: np.ndarray, fraction: float = DIGIT_FRACTION) -> list[tuple[int, int, int, int]]:
+    """Bounding boxes (top, left, bottom, right) of the pieces of ink with at least `fraction` of the largest's mass.
+
+    One digit is usually one piece, sometimes two or three (a pen lifted mid-stroke).
+    """
+    return _specks_and_pieces(ink, piece_fraction=fraction)[1]
+
+
+def _specks_and_pieces(
+    ink: np.ndarray, speck_fraction: float = SPECK_FRACTION, piece_fraction: float = DIGIT_FRACTION
+) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """The ink without specks, and the boxes of its large pieces, from one labelling of the pieces."""
+    labels, count = connected_components(ink > 0)
+    if count == 0:
+        return ink, []
+    masses = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=count + 1)
+    masses[0] = 0.0
+    largest = masses.max()
+    if count > 1:
+        keep = masses >= speck_fraction * largest
+        keep[0] = False
+        ink = np.where(keep[labels], ink, 0.0).astype(np.float32)
+    large = np.flatnonzero(masses >= piece_fraction * largest)
+    rows, cols = np.nonzero(labels)
+    owners = labels[rows, cols]
+    tops, lefts = np.full(count + 1, labels.shape[0]), np.full(count + 1, labels.shape[1])
+    bottoms, rights = np.zeros(count + 1, dtype=int), np.zeros(count + 1, dtype=int)
+    np.minimum.at(tops, owners, rows)
+    np.minimum.at(lefts, owners, cols)
+    np.maximum.at(bottoms, owners, rows + 1)
+    np.maximum.at(rights, owners, cols + 1)
+    return ink, [(int(tops[i]), int(lefts[i]), int(bottoms[i]), int(rights[i])) for i in large]
+
+
+def looks_like_several_digits(ink: np.ndarray, pieces: list[tuple[int, int, int, int]] | None = None) -> bool:
+    """Whether the ink looks like several digits rather than one.
+
+    True when two large pieces (`digit_pieces`, computed unless given) stand
+    side by side, their columns overlapping by under 20% of the narrower one's
+    width, or when the ink is over 1.5 times as wide as it is tall.
+    """
+    top, left, bottom, right = ink_box(ink)
+    if right - left > MAX_SINGLE_DIGIT_ASPECT * (bottom - top):
+        return True
+    pieces = digit_pieces(ink) if pieces is None else pieces
+    for index, (_, left_a, _, right_a) in enumerate(pieces):
+        for _, left_b, _, right_b in pieces[index + 1 :]:
+            overlap = min(right_a, right_b) - max(left_a, left_b)
+            if overlap < 0.2 * min(right_a - left_a, right_b - left_b):
+                return True
+    return False
+
+
+def ink_box(ink: np.ndarray) -> tuple[int, int, int, int]:
+    """The bounding box of the nonzero pixels: (top, left, bottom, right), bottom and right exclusive.
+
+    Raises `DigitlabError` when there is no ink.
+    """
+    rows, cols = np.flatnonzero((ink > 0).any(axis=1)), np.flatnonzero((ink > 0).any(axis=0))
+    if rows.size == 0:
+        raise DigitlabError(NO_INK_MESSAGE)
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def crop_to_ink(ink: np.ndarray, margin: float = 0.15) -> np.ndarray:
+    """The ink's bounding box with a background margin of `margin` × its longer side (plus one pixel).
+
+    The margin gives the anti-aliasing filter of `fit_to_box` real background
+    around the strokes.
+    """
+    top, left, bottom, right = ink_box(ink)
+    pad = math.ceil(margin * max(bottom - top, right - left)) + 1
+    return np.pad(ink[top:bottom, left:right], pad)
+
+
+def fit_to_box(ink: np.ndarray, box: int = BOX_SIZE, pad: int = 2) -> np.ndarray:
+    """Scale so that the ink's longer side is `box` pixels, keeping the aspect ratio (Lanczos, anti-aliased).
+
+    The result holds the scaled ink with `pad` pixels of background around it;
+    ink at exactly the right size comes back unchanged.
+    """
+    top, left, bottom, right = ink_box(ink)
+    height, width = bottom - top, right - left
+    scale = box / max(height, width)
+    out_height, out_width = math.ceil(height * scale - 1e-6) + 2 * pad, math.ceil(width * scale - 1e-6) + 2 * pad
+    source_height, source_width = out_height / scale, out_width / scale
+    source_top = (top + bottom - source_height) / 2
+    source_left = (left + right - source_width) / 2
+    margin = math.ceil(max(0.0, -source_top, -source_left, source_top + source_height - ink.shape[0],
+                           source_left + source_width - ink.shape[1])) + 1
+    padded = Image.fromarray(np.pad(ink, margin).astype(np.float32))
+    region = (source_left + margin, source_top + margin, source_left + margin + source_width,
+              source_top + margin + source_height)
+    scaled = padded.resize((out_width, out_height), Image.Resampling.LANCZOS, box=region)
+    return np.clip(np.asarray(scaled), 0.0, 1.0)
+
+
+def center_of_mass(image: np.ndarray) -> tuple[float, float]:
+    """The intensity-weighted mean position (row, col) of an image's pixels."""
+    total = float(image.sum())
+    if total <= 0:
+        raise DigitlabError(NO_INK_MESSAGE)
+    rows = np.arange(image.shape[0], dtype=np.float64)
+    cols = np.arange(image.shape[1], dtype=np.float64)
+    return float(image.sum(axis=1) @ rows) / total, float(image.sum(axis=0) @ cols) / total
+
+
+def center_by_mass(image: np.ndarray, size: int = FIELD_SIZE) -> np.ndarray:
+    """Paste into a size×size black field, shifted by whole pixels so the centre of mass lands at (14, 14).
+
+    MNIST's digits have their centre of mass at row 14, column 14 on average
+    (measured on the training set), i.e. half a pixel below and right of the
+    geometric centre 13.5; anything falling outside the field is cut off.
+    """
+    com_row, com_col = center_of_mass(image)
+    shift_row, shift_col = round(size / 2 - com_row), round(size / 2 - com_col)
+    field = np.zeros((size, size), dtype=np.float32)
+    height, width = image.shape
+    dest_top, dest_left = max(0, shift_row), max(0, shift_col)
+    dest_bottom, dest_right = min(size, shift_row + height), min(size, shift_col + width)
+    if dest_bottom > dest_top and dest_right > dest_left:
+        field[dest_top:dest_bottom, dest_left:dest_right] = image[
+            dest_top - shift_row : dest_bottom - shift_row, dest_left - shift_col : dest_right - shift_col
+        ]
+    return field
