@@ -1,0 +1,346 @@
+"""The HTTP API through FastAPI's test client, and `digitlab serve` as a real process."""
+
+from __future__ import annotations
+
+import base64
+import io
+import signal
+import socket
+import threading
+import time
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from serve_helpers import running_server
+
+from digitlab import serve as serve_module
+from digitlab.cli import main
+from digitlab.predict import predict_images
+
+
+def png_bytes(pixels: np.ndarray, dark_on_light: bool = True, scale: int = 2) -> bytes:
+    """An MNIST digit as a person would save it: black ink on white, enlarged, PNG."""
+    image = Image.fromarray(255 - pixels if dark_on_light else pixels).resize(
+        (28 * scale, 28 * scale), Image.Resampling.BILINEAR
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_png(data: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
+
+
+@pytest.fixture(scope="module")
+def app(bundled_model_path):
+    return serve_module.create_app(bundled_model_path, max_body_bytes=200_000, max_images=8)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app) as client:  # runs the lifespan: warm-up and the batcher
+        yield client
+
+
+@pytest.fixture(scope="module")
+def digits(mnist):
+    """The first 40 MNIST test digits and their labels."""
+    _, (x_test, y_test) = mnist
+    return x_test[:40], y_test[:40]
+
+
+def test_health_and_readiness(client, bundled_model_path, digits):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    not_started = TestClient(serve_module.create_app(bundled_model_path))  # lifespan not run
+    assert not_started.get("/healthz").status_code == 200
+    assert not_started.get("/readyz").status_code == 503
+    response = not_started.post("/v1/predict", json={"images": [digits[0][0].tolist()]})
+    assert response.status_code == 503 and "not ready" in response.json()["detail"]
+
+
+def test_model_card_has_the_essentials_and_no_step_history(client, bundled_model_path):
+    card = client.get("/v1/model").json()
+    assert card["file"] == bundled_model_path.name
+    assert "Conv2D" in card["architecture"]
+    assert card["parameters"]["total"] > 50_000
+    assert {"epochs", "batch_size", "lr"} <= set(card["config"])
+    assert 0.9 < card["test"]["accuracy"] <= 1.0
+    assert "steps" not in card.get("history", {})
+
+
+def test_page_and_its_assets_have_no_external_resources(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<canvas id="pad"' in page.text
+    for asset in ("/static/app.js", "/static/style.css"):
+        response = client.get(asset)
+        assert response.status_code == 200, asset
+    combined = page.text + client.get("/static/app.js").text + client.get("/static/style.css").text
+    assert "http://" not in combined and "https://" not in combined and "//cdn" not in combined
+
+
+def test_openapi_documents_the_predict_endpoint(client):
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+    assert {"/v1/model", "/healthz", "/readyz"} <= set(schema["paths"])
+    assert client.get("/docs").status_code == 200
+
+
+def test_uploads_are_predicted_exactly_as_predict_images_does(client, bundled_model_path, digits):
+    x, y = digits
+    files = [png_bytes(image, dark_on_light=i % 2 == 0) for i, image in enumerate(x[:8])]
+    response = client.post(
+        "/v1/predict",
+        files=[("files", (f"digit{i}.png", data, "image/png")) for i, data in enumerate(files)],
+        params={"return_image": "true"},
+    )
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    expected = predict_images(files, model=bundled_model_path, top_k=3)
+    assert [p["source"] for p in predictions] == [f"digit{i}.png" for i in range(8)]
+    for got, want in zip(predictions, expected):
+        assert got["digit"] == want.digit
+        assert np.allclose(got["probabilities"], want.probabilities, atol=1e-5)
+        assert abs(sum(got["probabilities"]) - 1) < 1e-4 and len(got["probabilities"]) == 10
+        assert got["top_k"][0][0] == got["digit"] and len(got["top_k"]) == 3
+        seen = decode_png(got["image"])
+        assert seen.shape == (28, 28) and seen.dtype == np.uint8
+        assert np.abs(seen / 255.0 - want.image).max() <= 0.5 / 255 + 1e-6
+    agreement = np.mean([p["digit"] == label for p, label in zip(predictions, y[:8])])
+    assert agreement >= 0.75
+
+
+def test_images_are_returned_only_on_request(client, digits):
+    response = client.post("/v1/predict", files={"files": ("a.png", png_bytes(digits[0][0]), "image/png")})
+    assert response.status_code == 200
+    assert response.json()["predictions"][0]["image"] is None
+
+
+def test_json_pixel_arrays_of_any_size(client, digits):
+    x, y = digits
+    enlarged = np.kron(x[1], np.ones((3, 3), dtype=np.uint8))  # 84×84, white on black
+    body = {"images": [x[0].tolist(), (255 - enlarged).tolist(), (x[2] / 1.0).tolist()], "return_image": True}
+    response = client.post("/v1/predict", json=body)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["source"] for p in predictions] == ["images[0]", "images[1]", "images[2]"]
+    assert [p["digit"] for p in predictions] == [int(y[0]), int(y[1]), int(y[2])]
+    assert all(decode_png(p["image"]).shape == (28, 28) for p in predictions)
+
+
+def test_mnist_digits_as_json_are_read_at_a_high_rate(client, digits):
+    x, y = digits
+    rate = 0.0
+    for start in range(0, 40, 8):
+        response = client.post("/v1/predict", json={"images": x[start : start + 8].tolist()})
+        assert response.status_code == 200
+        rate += sum(
+            p["digit"] == label for p, label in zip(response.json()["predictions"], y[start : start + 8])
+        )
+    rate /= 40
+    print(f"agreement with the labels on 40 MNIST test digits sent as JSON: {rate:.1%}")
+    assert rate >= 0.85
+
+
+def test_a_blank_image_is_reported_not_guessed(client):
+    response = client.post("/v1/predict", json={"images": [np.full((28, 28), 255).tolist()]})
+    assert response.status_code == 200
+    (prediction,) = response.json()["predictions"]
+    assert prediction["digit"] is None and prediction["probabilities"] is None
+    assert "no ink" in prediction["error"]
+
+
+@pytest.mark.parametrize(
+    "content, content_type, status, message",
+    [
+        (b"{not json", "application/json", 422, "malformed JSON"),
+        (b'{"images": "seven"}', "application/json", 422, "images"),
+        (b'{"images": []}', "application/json", 422, "images"),
+        (b'{"images": [[[0, 1], [2]]]}', "application/json", 422, "rows of equal length"),
+        (b'{"images": [[[0, 300], [2, 4]]]}', "application/json", 422, "0-255"),
+        (b'{"images": [[[0, -1], [2, 4]]]}', "application/json", 422, "0-255"),
+        (b'{"images": [[]]}', "application/json", 422, "non-empty"),
+        (b"images=1", "application/x-www-form-urlencoded", 415, "multipart/form-data"),
+        (b"", "text/plain", 415, "multipart/form-data"),
+    ],
+)
+def test_malformed_requests_get_a_4xx_with_a_message(client, content, content_type, status, message):
+    response = client.post("/v1/predict", content=content, headers={"content-type": content_type})
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+
+
+def truncated_png(digit: np.ndarray) -> bytes:
+    data = png_bytes(digit)
+    return data[: len(data) // 2]
+
+
+def huge_declared_png() -> bytes:
+    """A tiny PNG whose header claims 60,000 × 60,000 pixels (a decompression bomb)."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = (60_000).to_bytes(4, "big") * 2  # IHDR width and height
+    data[29:33] = zlib.crc32(data[12:29]).to_bytes(4, "big")  # the IHDR chunk's checksum
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "name, make, message",
+    [
+        ("notes.png", lambda digit: b"this is text, not a picture", "not an image"),
+        ("empty.png", lambda digit: b"", "empty"),
+        ("half.png", truncated_png, "truncated"),
+        ("bomb.png", lambda digit: huge_declared_png(), "too large"),
+    ],
+)
+def test_bad_uploads_get_422_naming_the_file(client, digits, name, make, message):
+    good = ("files", ("good.png", png_bytes(digits[0][0]), "image/png"))
+    response = client.post("/v1/predict", files=[good, ("files", (name, make(digits[0][0]), "image/png"))])
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail.startswith(f"{name}:") and message in detail
+
+
+def test_multipart_without_image_files_gets_422(client):
+    assert "no images" in client.post("/v1/predict", files={"other": ("a.png", b"x")}).json()["detail"]
+    response = client.post("/v1/predict", data={"files": "not a file"}, files={"x": ("a", b"")})
+    assert response.status_code == 422 and "text field" in response.json()["detail"]
+
+
+def test_too_many_images_get_413(client, digits):
+    image = digits[0][0]
+    files = [("files", (f"{i}.png", png_bytes(image, scale=1), "image/png")) for i in range(9)]
+    response = client.post("/v1/predict", files=files)
+    assert response.status_code == 413 and "at most 8" in response.json()["detail"]
+    response = client.post("/v1/predict", json={"images": [image.tolist()] * 9})
+    assert response.status_code == 413 and "at most 8" in response.json()["detail"]
+
+
+def test_bodies_over_the_limit_get_413_declared_or_streamed(client):
+    big = b"x" * 200_001
+    response = client.post("/v1/predict", content=big, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "larger than 200000 bytes" in response.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit must hold while reading
+        for _ in range(30):
+            yield b"x" * 10_000
+
+    response = client.post(
+        "/v1/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert response.status_code == 413
+
+
+def test_the_server_keeps_serving_after_errors(client, digits):
+    for _ in range(3):
+        client.post("/v1/predict", content=b"{", headers={"content-type": "application/json"})
+        client.post("/v1/predict", files={"files": ("x.png", b"junk")})
+    response = client.post("/v1/predict", json={"images": [digits[0][0].tolist()]})
+    assert response.status_code == 200 and response.json()["predictions"][0]["digit"] == digits[1][0]
+
+
+def send_while_the_first_batch_runs(model_path, bodies, monkeypatch, poison_shape=None):
+    """Send bodies[0], then the others while the model is busy with it; return batch sizes and responses.
+
+    serve's predict_images is wrapped: its first call waits until the other
+    requests are queued, and a batch with an image of `poison_shape` raises.
+    """
+    batch_sizes: list[int] = []
+    release = threading.Event()
+
+    def gated_predict_images(sources, **kwargs):
+        batch_sizes.append(len(sources))
+        if len(batch_sizes) == 1:
+            assert release.wait(20)
+        if any(getattr(source, "shape", None) == poison_shape for source in sources):
+            raise RuntimeError("a picture that breaks the pipeline")
+        return predict_images(sources, **kwargs)
+
+    monkeypatch.setattr(serve_module, "predict_images", gated_predict_images)
+    app = serve_module.create_app(model_path)
+    responses: dict[int, httpx.Response] = {}
+    with TestClient(app, raise_server_exceptions=False) as client:
+
+        def send(index: int) -> None:
+            responses[index] = client.post("/v1/predict", json=bodies[index])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+        threads[0].start()
+        deadline = time.monotonic() + 20
+        while not batch_sizes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for thread in threads[1:]:
+            thread.start()
+        while app.state.batcher.queue.qsize() < len(bodies) - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+        for thread in threads:
+            thread.join(20)
+    return batch_sizes, [responses[i] for i in range(len(bodies))]
+
+
+def test_requests_that_arrive_together_are_batched(bundled_model_path, digits, monkeypatch):
+    """While one batch runs, the requests that arrive form the next batch; each gets its own answers."""
+    x, _ = digits
+    bodies = [{"images": [x[i].tolist()]} for i in range(5)] + [{"images": [x[5].tolist(), x[6].tolist()]}]
+    batch_sizes, responses = send_while_the_first_batch_runs(bundled_model_path, bodies, monkeypatch)
+    assert batch_sizes == [1, 6]
+    direct = predict_images(list(x[:7]), model=bundled_model_path)
+    answers = [p["digit"] for r in responses for p in r.json()["predictions"]]
+    assert answers == [d.digit for d in direct]
+
+
+def test_a_failing_request_does_not_fail_the_others_in_its_batch(bundled_model_path, digits, monkeypatch):
+    x, y = digits
+    poison = np.zeros((30, 30))
+    bodies = [{"images": [x[0].tolist()]}, {"images": [x[1].tolist()]}, {"images": [poison.tolist()]},
+              {"images": [x[2].tolist()]}]  # fmt: skip
+    batch_sizes, responses = send_while_the_first_batch_runs(
+        bundled_model_path, bodies, monkeypatch, poison_shape=poison.shape
+    )
+    assert batch_sizes == [1, 3, 1, 1, 1]  # the failed batch of three, then each request alone
+    assert [r.status_code for r in responses] == [200, 200, 500, 200]
+    assert [responses[i].json()["predictions"][0]["digit"] for i in (0, 1, 3)] == [y[0], y[1], y[2]]
+
+
+def test_serve_refuses_to_start_without_a_model(tmp_path, capsys):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a model")
+    assert main(["serve", "--model", str(tmp_path / "missing.safetensors")]) == 2
+    assert "model file not found" in capsys.readouterr().err
+    assert main(["serve", "--model", str(broken)]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_serve_reports_a_port_in_use_and_bad_worker_counts(bundled_model_path, capsys):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(bundled_model_path), "--port", str(port)]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+    assert main(["serve", "--workers", "0"]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, workers", [(signal.SIGTERM, 1), (signal.SIGINT, 1), (signal.SIGTERM, 2)])
+def test_cli_serves_logs_each_request_and_stops_cleanly(bundled_model_path, tmp_path, digits, sig, workers):
+    with running_server(bundled_model_path, tmp_path, "--workers", str(workers)) as server:
+        files = {"files": ("seven.png", png_bytes(digits[0][0]), "image/png")}
+        response = httpx.post(f"{server.url}/v1/predict", files=files, timeout=30)
+        assert response.status_code == 200 and response.json()["predictions"][0]["digit"] == digits[1][0]
+        assert httpx.get(f"{server.url}/v1/model", timeout=10).status_code == 200
+        started = time.monotonic()
+        assert server.stop(sig) == 0, server.output()
+        assert time.monotonic() - started < 10
+    log = server.output()
+    assert '"POST /v1/predict HTTP/1.1" 200' in log and '"GET /v1/model HTTP/1.1" 200' in log
+    assert f"with {workers} worker(s)" in log and "Traceback" not in log
