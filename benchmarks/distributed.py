@@ -46,7 +46,7 @@ def main() -> None:
     results = {name: [train_seconds(p, args.limit, t, b) for _ in range(args.repeats)] for name, (p, t, b) in setups.items()}
     base = statistics.median(s for s, _ in results["1 process"])
     print(f"{args.limit:,} images, total batch 32, {cores} cores, median of {args.repeats}")
-    print(f"| setup | seconds (median) | images/s | train accuracy | speed vs 1 process |\n|---|---|---|---|---|")
+    print("| setup | seconds (median) | images/s | train accuracy | speed vs 1 process |\n|---|---|---|---|---|")
     for name, runs in results.items():
         seconds = statistics.median(s for s, _ in runs)
         accuracy = statistics.median(a for _, a in runs)

@@ -34,6 +34,7 @@ from digitlab import devices
 from digitlab.data import load_mnist
 from digitlab.errors import DigitlabError
 from digitlab.predict import Recognizer, bundled_model_path
+from digitlab.runs import cpu_name
 from digitlab.serialization import load_model
 
 BACKENDS = ("torch-fp32", "torch-bf16", "onnxruntime")
@@ -78,16 +79,6 @@ def backend_logits(name: str, model_path: Path, check_images: np.ndarray, workdi
     return Recognizer(model, card, precision=precision).logits
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def format_table(results: list[dict[str, Any]], skipped: dict[str, str], args: argparse.Namespace) -> str:
     header = f"{'backend':<13} {'batch':>6} {'images/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'calls':>7}"
     lines = [
@@ -104,7 +95,7 @@ def format_table(results: list[dict[str, Any]], skipped: dict[str, str], args: a
         lines.append(f"{name:<13} skipped: {reason}")
     lines.append("p50/p99: per-call latency; batch-1 rows are the in-process single-image latency.")
     lines.append(
-        f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
+        f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads, native bf16: "
         f"{'yes' if devices.native_bf16(torch.device('cpu')) else 'no'}), onnxruntime {onnxruntime_version()} "
         f"({os.cpu_count()} threads, as digitlab.export sets them); "
@@ -154,7 +145,7 @@ def main() -> None:
 
     print(format_table(results, skipped, args))
     if args.json:
-        args.json.write_text(json.dumps({"machine": cpu_model(), "results": results, "skipped": skipped}, indent=2))
+        args.json.write_text(json.dumps({"machine": cpu_name(), "results": results, "skipped": skipped}, indent=2))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", help="run only variants whose name starts with one of these")
     args = parser.parse_args()
-    print(f"| setting | epochs | val accuracy | val loss | seconds |\n|---|---|---|---|---|", flush=True)
+    print("| setting | epochs | val accuracy | val loss | seconds |\n|---|---|---|---|---|", flush=True)
     for name, change in VARIANTS.items():
         if args.only and not any(name.startswith(prefix) for prefix in args.only):
             continue

@@ -15,12 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from mirror_server import MirrorServer
 
 from digitlab import data
 from digitlab.cli import main
 from digitlab.cli.data import add_data_arguments
 from digitlab.errors import DigitlabError
-from mirror_server import MirrorServer
 
 GENUINE_DIR = Path(
     os.environ.get(data.DATA_DIR_ENV) or Path(__file__).resolve().parents[2] / "shared/data/mnist"

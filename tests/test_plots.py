@@ -7,10 +7,10 @@ import re
 
 import numpy as np
 import pytest
+from conftest import mnist_dir
 from PIL import Image
 
 import digitlab.data
-from conftest import mnist_dir
 from digitlab import plots
 from digitlab.cli import main
 from digitlab.errors import DigitlabError

@@ -10,7 +10,7 @@ import base64
 import html
 import os
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -206,7 +206,7 @@ def build_report(
         version = metadata.version("digitlab")
     except metadata.PackageNotFoundError:
         version = "unknown version"
-    created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     body = "\n".join(sections)
     return f"""<!doctype html>
 <html lang="en">

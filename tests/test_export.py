@@ -1,0 +1,242 @@
+"""ONNX and TorchScript export: parity with PyTorch, dynamic batch, metadata, bad files, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import mnist_dir
+
+from digitlab.cli import main
+from digitlab.errors import DigitlabError
+from digitlab.evaluate import batched_logits, evaluate
+from digitlab.export import (
+    PARITY_TOLERANCE,
+    OnnxRecognizer,
+    export_metadata,
+    export_model,
+    load_onnx_recognizer,
+)
+from digitlab.model import as_model_input, build_model
+from digitlab.predict import Recognizer, load_recognizer
+from digitlab.serialization import load_model
+
+CHECK_IMAGES = 1000
+
+# Loading TorchScript and the TorchScript-based ONNX exporter still work in PyTorch 2.13, with notices.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:torch"),
+    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export"),
+]
+
+
+@pytest.fixture(scope="module")
+def test_images(mnist) -> tuple[np.ndarray, np.ndarray]:
+    _, (x_test, y_test) = mnist
+    return x_test[:CHECK_IMAGES], y_test[:CHECK_IMAGES]
+
+
+@pytest.fixture(scope="module")
+def onnx_export(bundled_model_path, test_images, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "bundled.onnx"
+    return export_model(bundled_model_path, path, format="onnx", check_images=test_images[0])
+
+
+@pytest.fixture(scope="module")
+def torchscript_export(bundled_model_path, test_images, tmp_path_factory):
+    path = tmp_path_factory.mktemp("torchscript") / "bundled.pt"
+    return export_model(bundled_model_path, path, format="torchscript", check_images=test_images[0])
+
+
+def pytorch_logits(model_path: Path, images: np.ndarray) -> np.ndarray:
+    model, _ = load_model(model_path)
+    return batched_logits(model, as_model_input(images), precision="fp32").numpy()
+
+
+def test_onnx_round_trip_matches_pytorch(onnx_export, bundled_model_path, test_images):
+    images, _ = test_images
+    assert onnx_export.path.is_file() and onnx_export.format == "onnx"
+    assert onnx_export.images_checked == CHECK_IMAGES
+    assert onnx_export.max_abs_diff <= PARITY_TOLERANCE
+    print(f"ONNX max abs logit difference: {onnx_export.max_abs_diff:.2e}")
+
+    recognizer = load_onnx_recognizer(onnx_export.path)
+    difference = np.abs(recognizer.logits(images) - pytorch_logits(bundled_model_path, images)).max()
+    assert difference <= 1e-4
+
+
+def test_onnxruntime_predicts_the_same_digits_as_pytorch(onnx_export, bundled_model_path, test_images):
+    images, labels = test_images
+    model, card = load_model(bundled_model_path)
+    expected = Recognizer(model, card, precision="fp32").predict(images)
+    actual = load_recognizer(onnx_export.path).predict(images)
+    np.testing.assert_array_equal(actual.labels, expected.labels)
+    np.testing.assert_allclose(actual.probabilities, expected.probabilities, atol=1e-5)
+    assert onnx_export.same_labels == CHECK_IMAGES
+    accuracy = (actual.labels == labels).mean()
+    print(f"onnxruntime accuracy on {len(labels)} test images: {accuracy:.4f}")
+    assert accuracy > 0.85  # a trained model answering, not a constant digit
+
+
+def test_torchscript_round_trip_matches_pytorch(torchscript_export, bundled_model_path, test_images):
+    images, _ = test_images
+    assert torchscript_export.path.is_file() and torchscript_export.format == "torchscript"
+    assert torchscript_export.max_abs_diff <= PARITY_TOLERANCE
+    module = torch.jit.load(str(torchscript_export.path))
+    with torch.inference_mode():
+        logits = module(as_model_input(images)).numpy()
+    assert np.abs(logits - pytorch_logits(bundled_model_path, images)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_exported_models_take_any_batch_size(
+    onnx_export, torchscript_export, bundled_model_path, test_images, batch
+):
+    images = test_images[0][100 : 100 + batch]
+    expected = pytorch_logits(bundled_model_path, images)
+    onnx_logits = load_onnx_recognizer(onnx_export.path).logits(images)
+    module = torch.jit.load(str(torchscript_export.path))
+    with torch.inference_mode():
+        script_logits = module(as_model_input(images)).numpy()
+    for logits in (onnx_logits, script_logits):
+        assert logits.shape == (batch, 10)
+        assert np.abs(logits - expected).max() <= 1e-4
+
+
+def test_onnx_graph_has_a_symbolic_batch_axis(onnx_export):
+    graph = onnx.load(str(onnx_export.path)).graph
+    input_dims = graph.input[0].type.tensor_type.shape.dim
+    assert input_dims[0].dim_param and not input_dims[0].dim_value
+    assert [d.dim_value for d in input_dims[1:]] == [1, 28, 28]
+    assert graph.output[0].type.tensor_type.shape.dim[0].dim_param
+
+
+def test_onnx_metadata_holds_the_preprocessing_contract_and_card(onnx_export, bundled_model_path):
+    props = {p.key: p.value for p in onnx.load(str(onnx_export.path)).metadata_props}
+    assert props["input_shape"].startswith("N×1×28×28")
+    assert props["input_layout"] == "NCHW"
+    assert props["input_dtype"] == "float32"
+    assert "/ 255" in props["input_scaling"]
+    assert "white digit on a black background" in props["input_polarity"]
+    _, card = load_model(bundled_model_path)
+    assert json.loads(props["digitlab_card"]) == card
+
+    recognizer = load_onnx_recognizer(onnx_export.path)
+    assert isinstance(recognizer, OnnxRecognizer) and isinstance(recognizer, Recognizer)
+    assert recognizer.card == card
+    assert recognizer.preprocessing["input_layout"] == "NCHW"
+
+
+def test_torchscript_extra_files_hold_the_preprocessing_contract_and_card(
+    torchscript_export, bundled_model_path
+):
+    metadata = export_metadata(torchscript_export.path)
+    assert metadata["preprocessing"]["input_shape"].startswith("N×1×28×28")
+    assert metadata["preprocessing"]["input_scaling"] == "pixel / 255, so values lie in [0, 1]"
+    _, card = load_model(bundled_model_path)
+    assert metadata["card"] == card
+
+
+def test_a_failed_parity_check_writes_no_file(bundled_model_path, test_images, tmp_path, monkeypatch):
+    real_logits = OnnxRecognizer.logits
+    monkeypatch.setattr(OnnxRecognizer, "logits", lambda self, images: real_logits(self, images) + 1e-3)
+    target = tmp_path / "drifted.onnx"
+    with pytest.raises(DigitlabError, match=r"differs from PyTorch by up to 1\.0\de-03.*was not written"):
+        export_model(bundled_model_path, target, check_images=test_images[0][:50])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_takes_a_network_in_memory_and_leaves_it_untouched(mnist, tmp_path):
+    model = build_model(seed=3)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = export_model(model, tmp_path / "fresh.onnx", check_images=mnist[1][0][:64])
+    assert report.max_abs_diff <= PARITY_TOLERANCE and report.images_checked == 64
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert load_onnx_recognizer(report.path).card == {}
+
+
+def test_export_takes_a_recognizer_and_keeps_its_card(bundled_model_path, mnist, tmp_path):
+    recognizer = load_recognizer(bundled_model_path)
+    report = export_model(recognizer, tmp_path / "from-recognizer.onnx", check_images=mnist[1][0][:32])
+    assert report.max_abs_diff <= PARITY_TOLERANCE
+    assert load_onnx_recognizer(report.path).card == recognizer.card
+    with pytest.raises(DigitlabError, match="at least one image"):
+        export_model(recognizer, tmp_path / "empty.onnx", check_images=mnist[1][0][:0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["from-recognizer.onnx"]
+
+
+@pytest.mark.parametrize(
+    "contents",
+    [lambda good: good[: len(good) // 2], lambda good: b"not an onnx model \x00\xff" * 64],
+    ids=["truncated", "garbage"],
+)
+def test_a_corrupted_onnx_file_gives_a_clear_error(onnx_export, tmp_path, contents):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(contents(onnx_export.path.read_bytes()))
+    with pytest.raises(DigitlabError, match=r"bad\.onnx is not a readable ONNX model .*export it again"):
+        load_recognizer(bad)
+
+
+def test_a_missing_onnx_file_gives_a_clear_error(tmp_path):
+    with pytest.raises(DigitlabError, match=r"ONNX model file not found: .*absent\.onnx"):
+        load_onnx_recognizer(tmp_path / "absent.onnx")
+
+
+def test_an_onnx_model_of_another_network_is_refused(tmp_path):
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5))
+    path = tmp_path / "other.onnx"
+    torch.onnx.export(other, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False, input_names=["x"])
+    with pytest.raises(DigitlabError, match="not a digit recognizer"):
+        load_onnx_recognizer(path)
+
+
+def test_export_refuses_unknown_formats_and_mismatched_names(bundled_model_path, tmp_path):
+    with pytest.raises(DigitlabError, match="unknown export format 'tflite'"):
+        export_model(bundled_model_path, tmp_path / "m.tflite", format="tflite")
+    with pytest.raises(DigitlabError, match=r"ONNX files end in \.onnx"):
+        export_model(bundled_model_path, tmp_path / "m.bin", format="onnx")
+    with pytest.raises(DigitlabError, match="must not end in .onnx"):
+        export_model(bundled_model_path, tmp_path / "m.onnx", format="torchscript")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_then_evaluate_the_onnx_file(bundled_model_path, mnist, tmp_path, capsys):
+    output = tmp_path / "cli.onnx"
+    data = ["--data-dir", str(mnist_dir())]
+    assert main(["export", "--format", "onnx", "-o", str(output), *data]) == 0  # default: the bundled model
+    printed = capsys.readouterr().out
+    assert f"Exported {output}" in printed
+    figure = float(printed.split("max abs logit difference ")[1].split()[0])
+    assert 0 <= figure <= PARITY_TOLERANCE
+
+    assert main(["evaluate", str(output), "--json", *data]) == 0
+    onnx_metrics = json.loads(capsys.readouterr().out)
+    model, card = load_model(bundled_model_path)
+    _, (x_test, y_test) = mnist
+    pytorch_fp32 = evaluate(Recognizer(model, card, precision="fp32"), x_test, y_test)
+    assert onnx_metrics["count"] == 10_000
+    assert onnx_metrics["confusion"] == pytorch_fp32.confusion.tolist()
+    assert onnx_metrics["loss"] == pytest.approx(pytorch_fp32.loss, abs=1e-5)
+
+
+def test_cli_export_torchscript(bundled_model_path, tmp_path, capsys):
+    output = tmp_path / "cli.pt"
+    args = ["export", str(bundled_model_path), "--format", "torchscript", "-o", str(output)]
+    assert main([*args, "--data-dir", str(mnist_dir())]) == 0
+    assert "(torchscript, dynamic batch size)" in capsys.readouterr().out
+    assert export_metadata(output)["preprocessing"]["input_layout"] == "NCHW"
+
+
+def test_cli_reports_a_corrupted_onnx_file_without_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    assert main(["evaluate", str(bad), "--data-dir", str(mnist_dir())]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("digitlab: error: ") and "broken.onnx is not a readable ONNX model" in error
+    assert "Traceback" not in error

@@ -1,0 +1,65 @@
+"""notebooks/lab.ipynb runs top to bottom on the genuine MNIST and trains a network that reads digits."""
+
+from __future__ import annotations
+
+import re
+
+import nbformat
+import pytest
+from conftest import REPO_ROOT, mnist_dir
+from nbclient import NotebookClient
+
+NOTEBOOK = REPO_ROOT / "notebooks" / "lab.ipynb"
+ACCURACY_FLOOR = 0.92
+
+
+def text_output(cell: nbformat.NotebookNode) -> str:
+    """Everything a code cell printed or showed as text."""
+    parts = []
+    for output in cell.get("outputs", []):
+        if output["output_type"] == "stream":
+            parts.append(output["text"])
+        elif "data" in output:
+            parts.append(output["data"].get("text/plain", ""))
+    return "".join(parts)
+
+
+def code_cell_calling(notebook: nbformat.NotebookNode, call: str) -> nbformat.NotebookNode:
+    return next(cell for cell in notebook.cells if cell.cell_type == "code" and call in cell.source)
+
+
+def test_the_notebook_is_committed_without_outputs():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(notebook)
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code_cells
+    assert all(cell.outputs == [] and cell.execution_count is None for cell in code_cells)
+    assert notebook.metadata.kernelspec.name == "python3"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # one full epoch on the CPU: about a minute alone, several on a busy machine
+def test_the_lab_notebook_runs_and_reaches_the_accuracy_floor(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIGITLAB_DATA_DIR", str(mnist_dir()))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    # The kernelspec runs "python", which jupyter_client replaces with this interpreter (the venv's).
+    client = NotebookClient(
+        notebook,
+        kernel_name="python3",
+        timeout=1500,  # seconds per cell
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
+
+    assert "Total params: 99,402" in text_output(code_cell_calling(notebook, "summary(model)"))
+    assert re.search(r"Elapsed time: \d+\.\d\ds", text_output(code_cell_calling(notebook, "time.time()")))
+    for call in ("plot_heatmap(", "plot_imgs(x_train[:8]", "plot_imgs(x_test[:25]"):
+        outputs = code_cell_calling(notebook, call).outputs
+        assert any("image/png" in output.get("data", {}) for output in outputs), f"{call} drew no picture"
+
+    last_code_cell = [cell for cell in notebook.cells if cell.cell_type == "code"][-1]
+    match = re.fullmatch(r"Test accuracy: (\d\.\d{4})\n", text_output(last_code_cell))
+    assert match, f"last cell printed {text_output(last_code_cell)!r}"
+    accuracy = float(match.group(1))
+    print(f"notebook test accuracy: {accuracy:.4f}")
+    assert accuracy >= ACCURACY_FLOOR
