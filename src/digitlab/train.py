@@ -35,7 +35,7 @@ SCHEDULES = ("constant", "onecycle", "cosine")
 RECIPES: dict[str, dict[str, Any]] = {
     "lab": {},
     "best": {
-        "epochs": 15,
+        "epochs": 20,
         "batch_size": 128,
         "lr": 0.2,
         "momentum": 0.9,
