@@ -247,8 +247,6 @@ def train(
     """
     config = config or TrainConfig()
     config.validate()
-    if config.seed is None:
-        config.seed = int(torch.randint(0, 2**31 - 1, ()).item())
     if (config.early_stopping or config.restore_best) and validation is None:
         raise DigitlabError("early stopping and --restore-best need a validation split (--val-split)")
     if config.restore_best and checkpoints is None:
@@ -256,6 +254,8 @@ def train(
 
     device = devices.resolve_device(config.device)
     ranks = devices.init_distributed(device)
+    if config.seed is None:  # every rank must shuffle alike: rank 0 chooses
+        config.seed = devices.broadcast_object(int(torch.randint(0, 2**31 - 1, ()).item()))
     precision = devices.resolve_precision(config.precision, device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
 
