@@ -111,20 +111,31 @@ def init_distributed(device: torch.device) -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 
+def _several_ranks() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all ranks (a no-op in a single process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _several_ranks():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def broadcast_object(value: T) -> T:
     """Rank 0's value on every rank (the value itself in a single process)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not _several_ranks():
         return value
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics), as DDP does before each forward."""
+    if _several_ranks():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def barrier() -> None:

@@ -91,19 +91,6 @@ def evaluation_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> Evalua
     return Evaluation(loss_sum=loss_sum, confusion=confusion.view(NUM_CLASSES, NUM_CLASSES).numpy())
 
 
-def evaluate_tensors(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    precision: str = "auto",
-    device: torch.device | str = "cpu",
-) -> Evaluation:
-    """Evaluate a PyTorch network on prepared N×1×28×28 inputs and integer labels."""
-    logits = batched_logits(model, images, precision=precision, device=device)
-    return evaluation_from_logits(logits, labels)
-
-
 def evaluate_sharded(
     model: nn.Module,
     x: np.ndarray,
@@ -115,10 +102,8 @@ def evaluate_sharded(
 ) -> Evaluation:
     """Evaluate with each rank taking every world_size-th image, then sum over ranks."""
     shard = slice(ranks.rank, None, ranks.world_size)
-    part = evaluate_tensors(
-        model, as_model_input(x[shard]), torch.as_tensor(np.asarray(y[shard]), dtype=torch.long),
-        precision=precision, device=device,
-    )  # fmt: skip
+    logits = batched_logits(model, as_model_input(x[shard]), precision=precision, device=device)
+    part = evaluation_from_logits(logits, torch.as_tensor(np.asarray(y[shard]), dtype=torch.long))
     if ranks.world_size == 1:
         return part
     totals = torch.tensor([part.loss_sum, *part.confusion.flatten().tolist()], dtype=torch.float64)

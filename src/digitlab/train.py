@@ -360,7 +360,7 @@ def train(
         bar.close()
 
         sums = devices.all_reduce_sum(sums)
-        _sync_batchnorm_statistics(model)
+        devices.broadcast_buffers(unwrap(model))
         record = {
             "epoch": epoch + 1,
             "loss": sums[0].item() / sums[2].item(),
@@ -428,11 +428,3 @@ def _epoch_line(record: dict[str, float]) -> str:
     if "val_loss" in record:
         parts += [f"val_loss: {record['val_loss']:.4f}", f"val_accuracy: {record['val_accuracy']:.4f}"]
     return " - ".join(parts)
-
-
-def _sync_batchnorm_statistics(model: nn.Module) -> None:
-    """Give every rank rank 0's BatchNorm statistics, as DDP does before each forward pass."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return
-    for buffer in unwrap(model).buffers():
-        torch.distributed.broadcast(buffer, src=0)
