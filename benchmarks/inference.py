@@ -1,7 +1,7 @@
 """Inference speed of a digitlab model: images/s per backend and batch size, and single-image latency.
 
 Backends (all through digitlab's own inference path, on MNIST test images as uint8):
-  torch-fp32    `digitlab.predict.Recognizer(model, precision="fp32").logits(images)`
+  torch-fp32    `digitlab.predict.Recognizer(model, precision="fp32").logits(images)` (BatchNorm folded)
   torch-bf16    the same with precision="bf16" (skipped unless the CPU runs bf16 natively)
   onnxruntime   the model exported by `digitlab.export.export_model`, run by `load_onnx_recognizer`
 
@@ -10,7 +10,7 @@ least --seconds and at least --min-calls calls (but never past 5 x --seconds),
 each call timed on its own: images/s is images over total time, p50/p99 are
 per-call latencies. The batch-1 rows are the in-process single-image latency.
 
-    python benchmarks/inference.py                          # bundled model, batches 1 32 1024, 2 s each
+    python benchmarks/inference.py                          # bundled model, batches 1 32 128 1024, 2 s each
     python benchmarks/inference.py --batches 1 128 1024 --seconds 5 --json inference.json
 """
 
@@ -116,7 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=bundled_model_path(), help="model file (default: the bundled model)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32, 1024], help="batch sizes (default: 1 32 1024)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32, 128, 1024], help="batch sizes (default: 1 32 128 1024)")
     parser.add_argument("--seconds", type=float, default=2.0, help="minimum time per measurement")
     parser.add_argument("--min-calls", type=int, default=10, help="minimum timed calls per measurement")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads (default: PyTorch's; onnxruntime keeps one per CPU)")

@@ -6,12 +6,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import mnist_dir
+from torch import nn
 
 from digitlab.cli import main
 from digitlab.errors import DigitlabError
-from digitlab.evaluate import Evaluation, evaluate
-from digitlab.model import build_model
+from digitlab.evaluate import Evaluation, batched_logits, evaluate, inference_network
+from digitlab.model import as_model_input, build_model
 from digitlab.predict import load_recognizer, predict
 from digitlab.serialization import load_model, save_model
 
@@ -112,3 +114,33 @@ def test_weights_of_the_wrong_shape_are_rejected(tmp_path):
 def test_a_missing_model_file(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nope.safetensors")]) == 2
     assert "model file not found" in capsys.readouterr().err
+
+
+def test_the_bf16_inference_network_agrees_with_the_fp32_model(mnist, bundled_model_path):
+    _, (x_test, y_test) = mnist
+    model, _ = load_model(bundled_model_path)
+    images, labels = as_model_input(x_test[:2000]), torch.as_tensor(y_test[:2000]).long()
+    with torch.no_grad():
+        reference = model.eval()(images).argmax(1)
+    network = inference_network(model, precision="bf16")
+    assert next(network.parameters()).dtype == torch.bfloat16
+    fast = batched_logits(network, images).argmax(1)
+    assert (fast == reference).float().mean() >= 0.998
+    assert abs((fast == labels).float().mean() - (reference == labels).float().mean()) <= 0.001
+
+
+def test_a_network_that_is_not_sequential_runs_as_it_is(mnist):
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = build_model(seed=0)
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.inner(images) * 2
+
+    _, (x_test, _) = mnist
+    model, images = Wrapped(), as_model_input(x_test[:8])
+    logits = batched_logits(model, images, precision="fp32")
+    assert model.training  # the copy ran in eval mode, the model is left as it was
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model.eval()(images))

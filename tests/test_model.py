@@ -6,7 +6,15 @@ import torch
 from torch import nn
 
 from digitlab.errors import DigitlabError
-from digitlab.model import as_model_input, build_model, parameter_counts, prepare, summary, summary_rows
+from digitlab.model import (
+    as_model_input,
+    build_model,
+    fold_batchnorm,
+    parameter_counts,
+    prepare,
+    summary,
+    summary_rows,
+)
 
 
 def test_parameter_counts_match_the_lab():
@@ -80,3 +88,23 @@ def test_model_input_rejects_wrong_sizes_and_ranges():
         as_model_input(np.zeros((2, 32, 32), np.uint8))
     with pytest.raises(DigitlabError, match=r"\[0, 1\]"):
         as_model_input(np.full((28, 28), 255.0))
+
+
+def test_folding_batchnorm_keeps_the_function_and_leaves_the_model_alone():
+    model = build_model(seed=0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            for tensor, low, high in [
+                (norm.running_mean, -1, 1), (norm.running_var, 0.2, 3),
+                (norm.weight, 0.5, 1.5), (norm.bias, -0.5, 0.5),
+            ]:  # fmt: skip
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    images = torch.rand(8, 1, 28, 28, generator=generator)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert model.training and not folded.training
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images), model.eval()(images), rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())

@@ -8,6 +8,7 @@ defaults so that the lab's recipe trains the way it did in Keras.
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 
 import numpy as np
@@ -61,6 +62,34 @@ def build_model(seed: int | None = None) -> DigitCNN:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return DigitCNN()
+
+
+def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
+    """An eval-only copy of a sequential network with each BatchNorm folded into the convolution before it.
+
+    With its statistics fixed, BatchNorm is a per-channel scale and shift, so
+    Conv2D followed by BatchNorm is one convolution with rescaled weights and a
+    shifted bias: the same function, with one pass over the activations fewer.
+    """
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    previous: nn.Module | None = None
+    for name, module in model.named_children():
+        if isinstance(module, nn.BatchNorm2d) and isinstance(previous, nn.Conv2d):
+            _fold_into(previous, module)
+            continue
+        previous = layers[name] = copy.deepcopy(module)
+    return nn.Sequential(layers).eval()
+
+
+@torch.no_grad()
+def _fold_into(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+    shifted = (bias - norm.running_mean) * scale
+    conv.bias = nn.Parameter(shifted + norm.bias if norm.bias is not None else shifted)
+    conv.weight.mul_(scale.view(-1, 1, 1, 1))
 
 
 # Keras' names for our layer types, so the summary reads like the lab's.

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from digitlab.errors import DigitlabError
-from digitlab.evaluate import batched_logits
+from digitlab.evaluate import batched_logits, inference_network
 from digitlab.model import as_model_input
 from digitlab.preprocess import load_image, preprocess_with_report
 from digitlab.serialization import load_model
@@ -51,18 +51,20 @@ class Prediction:
 class Recognizer:
     """A trained network ready for inference, with its model card.
 
-    Inference runs in eval mode (BatchNorm uses its learned statistics, so a
-    single image gets the same answer as in a batch), in large batches,
-    channels-last, and in bf16 where the CPU runs it natively.
+    Inference runs on an eval-mode copy of the network (BatchNorm uses its
+    learned statistics, folded into the convolutions, so a single image gets
+    the same answer as in a batch), channels-last, in bf16 where the CPU runs
+    it natively. Later changes to `model` need a new Recognizer.
     """
 
     def __init__(self, model: nn.Module, card: dict[str, Any] | None = None, precision: str = "auto") -> None:
         self.model = model
         self.card = card or {}
         self.precision = precision
+        self.network = inference_network(model, precision)
 
     def logits(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        return batched_logits(self.model, as_model_input(images), precision=self.precision).numpy()
+        return batched_logits(self.network, as_model_input(images)).numpy()
 
     def predict(self, images: np.ndarray | torch.Tensor) -> Prediction:
         return Prediction.from_logits(self.logits(images))
