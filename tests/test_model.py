@@ -7,6 +7,7 @@ from torch import nn
 
 from digitlab.errors import DigitlabError
 from digitlab.model import (
+    GlobalAveragePooling,
     as_model_input,
     build_model,
     fold_batchnorm,
@@ -108,3 +109,17 @@ def test_folding_batchnorm_keeps_the_function_and_leaves_the_model_alone():
     with torch.no_grad():
         torch.testing.assert_close(folded(images), model.eval()(images), rtol=1e-4, atol=1e-5)
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_global_pooling_gradient_matches_pytorch_and_keeps_the_layout(layout):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 5, 5, generator=generator).contiguous(memory_format=layout)
+    upstream = torch.randn(4, 8, 1, 1, generator=generator)
+    ours, reference = x.clone().requires_grad_(), x.clone().requires_grad_()
+    GlobalAveragePooling()(ours).backward(upstream)
+    nn.AdaptiveAvgPool2d(1)(reference).backward(upstream)
+    torch.testing.assert_close(ours.grad, reference.grad)
+    assert ours.grad.is_contiguous(memory_format=layout)
+    with torch.no_grad():
+        torch.testing.assert_close(GlobalAveragePooling()(x), nn.AdaptiveAvgPool2d(1)(x))
