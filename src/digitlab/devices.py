@@ -13,6 +13,8 @@ import torch.distributed as dist
 from digitlab.errors import DigitlabError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# The tensor type of each resolved precision.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 T = TypeVar("T")
 
 
@@ -65,8 +67,7 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager:
     """The autocast context for a resolved precision (`fp32` means none)."""
     if precision == "fp32":
         return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
 def set_threads(threads: int | None) -> None:
