@@ -24,6 +24,8 @@ BASE = dict(
 VARIANTS: dict[str, dict] = {
     "base (bs 128, lr 0.2, nesterov 0.9, wd 5e-4, ls 0.1, one-cycle, augment)": {},
     "no augmentation": {"augment": False},
+    "augmentation off for the last 5 epochs": {"clean_epochs": 5},
+    "elastic distortion 34 px, off for the last 5 epochs": {"elastic": 34.0, "clean_epochs": 5},
     "no label smoothing": {"label_smoothing": 0.0},
     "lr 0.4": {"lr": 0.4},
     "lr 0.1": {"lr": 0.1},

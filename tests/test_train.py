@@ -20,7 +20,15 @@ from digitlab.errors import DigitlabError
 from digitlab.model import build_model
 from digitlab.runs import run_training
 from digitlab.serialization import load_model
-from digitlab.train import Checkpoints, TrainConfig, epoch_order, learning_rate, train
+from digitlab.train import (
+    Checkpoints,
+    TrainConfig,
+    _smooth_displacement,
+    augment_batch,
+    epoch_order,
+    learning_rate,
+    train,
+)
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -61,6 +69,42 @@ def test_same_seed_gives_identical_weights_and_metrics(mnist):
     other = build_model(seed=7)
     train(other, x[:600], y[:600], TrainConfig(**{**config, "seed": 8}), progress=False)
     assert not same_weights(models[0], other)
+
+
+def test_clean_epochs_end_an_augmented_run_on_unaltered_images(mnist):
+    """The first epoch is augmented as in a fully augmented run; the clean last epoch is not."""
+    (x, y), _ = mnist
+
+    def run(**settings: object) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+        model = build_model(seed=3)
+        config = TrainConfig(epochs=2, batch_size=50, seed=3, **settings)
+        return model, train(model, x[:300], y[:300], config, progress=False).epochs
+
+    _, augmented = run(augment=True)
+    _, clean_finish = run(augment=True, clean_epochs=1)
+    assert augmented[0]["loss"] == clean_finish[0]["loss"]
+    assert augmented[1]["loss"] != clean_finish[1]["loss"]
+    never_augmented, _ = run(augment=True, clean_epochs=2)
+    assert same_weights(never_augmented, run(augment=False)[0])
+    with pytest.raises(DigitlabError, match="clean epochs"):
+        TrainConfig(clean_epochs=-1).validate()
+
+
+def test_elastic_distortion_is_a_smooth_small_warp(mnist):
+    (x, _), _ = mnist
+    images = torch.as_tensor(x[:64]).float().div(255).unsqueeze(1)
+
+    def warp(elastic: float) -> torch.Tensor:
+        return augment_batch(images, torch.Generator().manual_seed(5), elastic)
+
+    affine, elastic = warp(0.0), warp(34.0)
+    assert torch.equal(elastic, warp(34.0))  # the generator decides everything
+    assert (elastic - affine).abs().amax() > 0.5  # strokes move
+    ink_kept = elastic.sum((1, 2, 3)) / affine.sum((1, 2, 3))
+    assert 0.9 < ink_kept.mean() < 1.1  # strokes are moved, not erased or thickened
+    field = _smooth_displacement(64, 28, torch.Generator().manual_seed(5), torch.device("cpu"))
+    neighbours = torch.corrcoef(torch.stack([field[:, :, :-1].flatten(), field[:, :, 1:].flatten()]))
+    assert neighbours[0, 1] > 0.9  # neighbouring pixels move together
 
 
 def test_epoch_order_shards_every_sample_once_across_ranks():

@@ -43,14 +43,16 @@ RECIPES: dict[str, dict[str, Any]] = {
         "weight_decay": 5e-4,
         "label_smoothing": 0.1,
         "schedule": "onecycle",
-        "augment": False,
+        "augment": True,
+        "elastic": 34.0,
+        "clean_epochs": 5,
     },
 }
 
 # Settings that change the sequence of weights; a checkpoint only resumes a run that agrees on them.
 TRAJECTORY_KEYS = (
     "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
-    "label_smoothing", "schedule", "augment", "seed", "precision",
+    "label_smoothing", "schedule", "augment", "elastic", "clean_epochs", "seed", "precision",
 )  # fmt: skip
 
 
@@ -68,6 +70,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     schedule: str = "constant"
     augment: bool = False
+    elastic: float = 0.0  # with augment: elastic distortion of about this many pixels, 0 for none
+    clean_epochs: int = 0  # with augment: the last N epochs see the images unaltered
     seed: int | None = None
     precision: str = "auto"
     compile: bool = False
@@ -100,6 +104,8 @@ class TrainConfig:
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (not self.nesterov or self.momentum > 0, "Nesterov momentum needs --momentum > 0"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (self.elastic >= 0, f"elastic distortion must be >= 0 pixels, got {self.elastic}"),
+            (self.clean_epochs >= 0, f"clean epochs must be >= 0, got {self.clean_epochs}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (self.precision in devices.PRECISIONS, f"precision must be one of {', '.join(devices.PRECISIONS)}, got {self.precision!r}"),
@@ -157,19 +163,39 @@ def epoch_order(num_samples: int, seed: int, epoch: int, ranks: devices.Ranks) -
     return order[ranks.rank : usable : ranks.world_size]
 
 
-def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random small rotation (±10°), scaling (±10%) and shift (±2 px) of a whole batch at once."""
-    n = images.shape[0]
+def augment_batch(images: torch.Tensor, generator: torch.Generator, elastic: float = 0.0) -> torch.Tensor:
+    """Random small rotation (±10°), scaling (±10%) and shift (±2 px) of a whole batch at once.
+
+    With `elastic` > 0 each image is also warped by a smooth random displacement field
+    (uniform noise blurred by a Gaussian of σ = 4 px, scaled by `elastic` pixels), as in
+    Simard et al. (2003). Both warps are applied in one resampling.
+    """
+    n, size = images.shape[0], images.shape[-1]
     options = {"generator": generator, "device": images.device}
     angle = (torch.rand(n, **options) * 2 - 1) * math.radians(10)
     scale = 1 + (torch.rand(n, **options) * 2 - 1) * 0.1
-    shift = (torch.rand(n, 2, **options) * 2 - 1) * (2 * 2 / images.shape[-1])
+    shift = (torch.rand(n, 2, **options) * 2 - 1) * (2 * 2 / size)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack(
         [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
     )
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    if elastic > 0:
+        grid = grid + _smooth_displacement(n, size, generator, images.device) * (elastic * 2 / size)
     return F.grid_sample(images, grid, padding_mode="zeros", align_corners=False)
+
+
+def _smooth_displacement(
+    n: int, size: int, generator: torch.Generator, device: torch.device, sigma: float = 4.0
+) -> torch.Tensor:
+    """N×size×size×2 displacement fields: uniform noise in [-1, 1] blurred by a Gaussian of σ pixels."""
+    noise = torch.rand(n * 2, 1, size, size, generator=generator, device=device) * 2 - 1
+    radius = int(3 * sigma)
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=device) / sigma) ** 2)
+    taps = taps / taps.sum()
+    blurred = F.conv2d(noise, taps.view(1, 1, 1, -1), padding=(0, radius))
+    blurred = F.conv2d(blurred, taps.view(1, 1, -1, 1), padding=(radius, 0))
+    return blurred.view(n, 2, size, size).permute(0, 2, 3, 1)
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
@@ -213,7 +239,7 @@ class Checkpoints:
 
 
 def _check_resumable(state: dict[str, Any], config: TrainConfig, ranks: devices.Ranks, path: Path) -> None:
-    saved = state.get("config", {})
+    saved = {**asdict(TrainConfig()), **state.get("config", {})}  # settings added later: their defaults
     for key in TRAJECTORY_KEYS:
         if saved.get(key) != getattr(config, key):
             raise DigitlabError(
@@ -328,8 +354,10 @@ def train(
             batch = slice(step * config.batch_size, (step + 1) * config.batch_size)
             x = epoch_images[batch].float().div_(255.0).unsqueeze(1)
             y = epoch_labels[batch]
-            if config.augment:
-                x = augment_batch(x, _seeded_generator(device, config.seed, global_step, ranks.rank))
+            if config.augment and epoch < config.epochs - config.clean_epochs:
+                x = augment_batch(
+                    x, _seeded_generator(device, config.seed, global_step, ranks.rank), config.elastic
+                )
             x = x.contiguous(memory_format=memory_format)
             with devices.autocast(precision, device):
                 logits = net(x)

@@ -29,6 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--schedule", help="constant, onecycle or cosine")
     train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                        help="random small shifts, rotations and scaling of each batch")  # fmt: skip
+    train.add_argument("--elastic", type=float, metavar="PIXELS",
+                       help="with --augment: also elastic distortion of about PIXELS (Simard's 34)")  # fmt: skip
+    train.add_argument("--clean-epochs", type=int, metavar="N",
+                       help="with --augment: train the last N epochs on unaltered images")  # fmt: skip
     train.add_argument("--seed", type=int, help="makes the run reproducible (default: random, recorded)")
     train.add_argument("--val-split", type=float, default=0.0,
                        help="fraction of the training set held out for validation (0 < F < 1)")  # fmt: skip
@@ -78,7 +82,8 @@ def run_train(args: argparse.Namespace) -> int:
         config = TrainConfig.from_recipe(
             args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
             nesterov=args.nesterov, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-            schedule=args.schedule, augment=args.augment, seed=args.seed, precision=args.precision,
+            schedule=args.schedule, augment=args.augment, elastic=args.elastic, clean_epochs=args.clean_epochs,
+            seed=args.seed, precision=args.precision,
             compile=args.compile, channels_last=args.channels_last, device=args.device,
             checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
             early_stopping=args.early_stopping, restore_best=args.restore_best,
