@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import mnist_dir
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from digitlab.cli import main
 from digitlab.devices import Ranks
@@ -202,6 +204,27 @@ def test_mismatched_checkpoint_is_rejected(mnist, tmp_path):
             resume=True,
             progress=False,
         )
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(mnist, tmp_path):
+    """Checkpoints written before `elastic` and `clean_epochs` existed lack them: they mean the defaults."""
+    (x, y), _ = mnist
+    checkpoints = Checkpoints(tmp_path)
+    config = dict(seed=1, epochs=2, checkpoint_every=1)
+    train(build_model(), x[:64], y[:64], TrainConfig(**config), checkpoints=checkpoints, progress=False)
+    with safe_open(str(checkpoints.latest()), "pt") as handle:
+        metadata = handle.metadata()
+    state = json.loads(metadata["state"])
+    for newer in ("elastic", "clean_epochs"):
+        del state["config"][newer]
+    save_file(load_file(checkpoints.latest()), checkpoints.latest(), {**metadata, "state": json.dumps(state)})
+
+    train(build_model(), x[:64], y[:64], TrainConfig(**config), checkpoints=checkpoints, resume=True, progress=False)
+    with pytest.raises(DigitlabError, match="clean_epochs=0, but this run has clean_epochs=1"):
+        train(
+            build_model(), x[:64], y[:64], TrainConfig(**config, clean_epochs=1),
+            checkpoints=checkpoints, resume=True, progress=False,
+        )  # fmt: skip
 
 
 def test_a_model_file_is_not_a_checkpoint(small_model_path, tmp_path):

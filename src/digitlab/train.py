@@ -241,9 +241,9 @@ class Checkpoints:
 def _check_resumable(state: dict[str, Any], config: TrainConfig, ranks: devices.Ranks, path: Path) -> None:
     saved = {**asdict(TrainConfig()), **state.get("config", {})}  # settings added later: their defaults
     for key in TRAJECTORY_KEYS:
-        if saved.get(key) != getattr(config, key):
+        if saved[key] != getattr(config, key):
             raise DigitlabError(
-                f"checkpoint {path.name} was written with {key}={saved.get(key)!r}, "
+                f"checkpoint {path.name} was written with {key}={saved[key]!r}, "
                 f"but this run has {key}={getattr(config, key)!r}; resume with the run's own settings"
             )
     if state.get("world_size", 1) != ranks.world_size:
