@@ -6,10 +6,17 @@ so that its peak memory is its own and no compile cache carries over. The
 parent loads MNIST once and hands the same arrays to every child as .npy files.
 
 Variants:
-  digitlab-fp32, digitlab-bf16       `digitlab.train.train` with that precision (channels-last);
+  digitlab-auto                       `digitlab.train.train` as `digitlab train` runs it (`--precision auto`);
+  digitlab-fp32, digitlab-bf16       the same with that precision (bf16 is emulated, and slow, without native support);
   ...-compile, ...-nchw suffixes      with torch.compile / without channels-last (e.g. digitlab-bf16-compile);
   torch-plain                         a plain PyTorch loop, pytorch/examples mnist style, fp32;
   keras                               the seed lab's Keras code (needs TensorFlow, see --keras-python).
+
+The parent first measures the machine's floor: the epoch's arithmetic (the
+FLOP of the forward pass, the input gradients and the weight gradients of every
+layer, over 60,000 images) divided by the rate of one large fp32 convolution
+on this machine (and, where the CPU has native bf16, of a bf16 one). Each
+variant's "x floor" is its epoch time over that floor.
 
 Each child reports the wall time of the training call only (not import or data
 loading); the parent adds the child's end-to-end wall time and its peak
@@ -17,7 +24,7 @@ resident memory (ru_maxrss from wait4). With --steps N a child first trains
 --warmup steps (compilation, allocator and oneDNN warm-up), then times N
 steps and extrapolates to the 1,875 steps of an epoch.
 
-    python benchmarks/train_epoch.py                                   # full epochs, 3 repeats
+    python benchmarks/train_epoch.py                                   # full epochs, 3 repeats (the reference mode)
     python benchmarks/train_epoch.py --steps 300 --repeats 3 --keras-python .venv-bench/bin/python
     python benchmarks/train_epoch.py --steps 200 --repeats 1 --variants torch-plain digitlab-bf16
 
@@ -45,9 +52,8 @@ import numpy as np
 EPOCH_STEPS = 1875  # 60,000 images / batch 32
 BATCH_SIZE = 32
 LEARNING_RATE = 0.1
-DEFAULT_VARIANTS = (
-    "keras", "torch-plain", "digitlab-fp32", "digitlab-bf16", "digitlab-fp32-compile", "digitlab-bf16-compile",
-)  # fmt: skip
+DEFAULT_VARIANTS = ("keras", "torch-plain", "digitlab-auto")
+FLOOR_VARIANT = "floor"
 RESULT_PREFIX = "TRAIN-EPOCH-RESULT "
 
 # A training function takes images and labels, trains one pass over them, and returns
@@ -58,7 +64,7 @@ FitFunction = Callable[[np.ndarray, np.ndarray], tuple[float, float | None]]
 def digitlab_options(variant: str) -> dict[str, Any]:
     """TrainConfig settings for a variant name such as `digitlab-bf16-compile` or `digitlab-fp32-nchw`."""
     parts = variant.split("-")
-    if parts[0] != "digitlab" or len(parts) < 2 or parts[1] not in ("fp32", "bf16") or set(parts[2:]) - {"compile", "nchw"}:
+    if parts[0] != "digitlab" or len(parts) < 2 or parts[1] not in ("auto", "fp32", "bf16") or set(parts[2:]) - {"compile", "nchw"}:
         raise ValueError(f"unknown variant {variant!r}")
     return {"precision": parts[1], "compile": "compile" in parts[2:], "channels_last": "nchw" not in parts[2:]}
 
@@ -69,7 +75,7 @@ def check_variant(variant: str) -> str:
             digitlab_options(variant)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"unknown variant {variant!r}; use keras, torch-plain or digitlab-fp32|bf16[-compile][-nchw]"
+                f"unknown variant {variant!r}; use keras, torch-plain or digitlab-auto|fp32|bf16[-compile][-nchw]"
             ) from None
     return variant
 
@@ -176,8 +182,71 @@ def keras_fit(threads: int | None) -> tuple[FitFunction, dict[str, Any]]:
     return fit, environment
 
 
+def epoch_flop() -> int:
+    """Floating-point operations of one lab epoch: forward, input gradients and weight gradients.
+
+    Each convolution and the dense layer cost 2 FLOP per multiply-add in each of
+    the three passes, except the first convolution, whose input needs no gradient.
+    """
+    import torch
+
+    from digitlab.model import build_model
+
+    model = build_model(seed=0)
+    macs = []
+    hooks = [
+        layer.register_forward_hook(lambda m, _inp, out: macs.append(out[0].numel() * m.weight[0].numel()))
+        for layer in model.modules()
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 1, 28, 28))
+    for hook in hooks:
+        hook.remove()
+    per_image = 2 * (3 * sum(macs) - macs[0])
+    return per_image * EPOCH_STEPS * BATCH_SIZE
+
+
+def convolution_rate(dtype_name: str, seconds: float = 3.0) -> float:
+    """GFLOP/s of a large convolution (the lab's last layer at batch 256), best of repeated timings."""
+    import torch
+    import torch.nn.functional as F
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    x = torch.rand(256, 64, 22, 22, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.rand(128, 64, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    flop = 2 * 256 * 20 * 20 * 128 * 64 * 9
+    best = float("inf")
+    with torch.no_grad():
+        F.conv2d(x, w)
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            F.conv2d(x, w)
+            best = min(best, time.perf_counter() - start)
+    return flop / best / 1e9
+
+
+def measure_floor(threads: int | None) -> dict[str, Any]:
+    """The epoch's FLOP and the fastest convolution rates: what no implementation can beat by much."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    environment = torch_environment()
+    flop = epoch_flop()
+    rates = {"fp32": convolution_rate("fp32")}
+    if environment["native_bf16"]:
+        rates["bf16"] = convolution_rate("bf16")
+    return {"variant": FLOOR_VARIANT, "epoch_tflop": flop / 1e12, "gflops": rates,
+            "floor_seconds": {name: flop / rate / 1e9 for name, rate in rates.items()}, **environment}  # fmt: skip
+
+
 def run_child(args: argparse.Namespace) -> None:
-    """Train one variant and print its timings as one JSON line."""
+    """Train one variant (or measure the floor) and print its figures as one JSON line."""
+    if args.variant == FLOOR_VARIANT:
+        print(RESULT_PREFIX + json.dumps(measure_floor(args.threads)), flush=True)
+        return
     images = np.load(args.data / "x_train.npy")
     labels = np.load(args.data / "y_train.npy")
     if args.variant == "keras":
@@ -272,37 +341,49 @@ def summarize(variant: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def format_table(summaries: list[dict[str, Any]], args: argparse.Namespace) -> str:
+def format_table(summaries: list[dict[str, Any]], floor: dict[str, Any] | None, args: argparse.Namespace) -> str:
     timed = {s["variant"]: s for s in summaries if s.get("median")}
+    floor_seconds = min(floor["floor_seconds"].values()) if floor else None
     reference = "keras" if "keras" in timed else "torch-plain" if "torch-plain" in timed else None
     mode = (
         f"s/epoch EXTRAPOLATED: {args.steps} timed steps after {args.warmup} warm-up steps, x {EPOCH_STEPS}/{args.steps}"
         if args.steps
         else "s/epoch MEASURED over full epochs (1,875 steps, including any compilation)"
     )
-    header = f"{'variant':<24} {'s/epoch':>8} {'min-max':>13} {'vs ' + (reference or '-'):>15} {'warm-up s':>9} {'train acc':>9} {'peak MB':>8} {'child s':>8}"
+    header = (
+        f"{'variant':<24} {'s/epoch':>8} {'min-max':>13} {'vs ' + (reference or '-'):>15} {'x floor':>8} "
+        f"{'warm-up s':>9} {'train acc':>9} {'peak MB':>8} {'child s':>8}"
+    )
     lines = [
         f"Lab recipe: batch {BATCH_SIZE}, SGD lr {LEARNING_RATE}, 60,000 MNIST training images; "
         f"median of {args.repeats} run(s), each in its own process.",
         mode + ".",
-        header,
-        "-" * len(header),
     ]
+    if floor:
+        rates = ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in floor["gflops"].items())
+        seconds = ", ".join(f"{name} {value:.1f} s" for name, value in floor["floor_seconds"].items())
+        lines.append(
+            f"Floor: {floor['epoch_tflop']:.2f} TFLOP per epoch / the fastest large convolution here ({rates}) = {seconds} per epoch."
+        )
+    lines += [header, "-" * len(header)]
     for s in summaries:
         if not s.get("median"):
             lines.append(f"{s['variant']:<24} FAILED ({s['runs']} run(s)): {s['error']}")
             continue
         ratio = f"{timed[reference]['median'] / s['median']:.2f}x" if reference else "-"
+        to_floor = f"{s['median'] / floor_seconds:.2f}" if floor_seconds else "-"
         warmup = f"{s['warmup']:.1f}" if s["warmup"] is not None else "-"
         accuracy = f"{s['accuracy']:.4f}" if s["accuracy"] is not None else "-"
         lines.append(
-            f"{s['variant']:<24} {s['median']:>8.1f} {s['min']:>6.1f}-{s['max']:<6.1f} {ratio:>15} "
+            f"{s['variant']:<24} {s['median']:>8.1f} {s['min']:>6.1f}-{s['max']:<6.1f} {ratio:>15} {to_floor:>8} "
             f"{warmup:>9} {accuracy:>9} {s['peak_mb']:>8.0f} {s['child_seconds']:>8.1f}"
         )
         if s["error"]:
             lines.append(f"{'':<24} ({s['runs'] - s['succeeded']} of {s['runs']} run(s) failed: {s['error']})")
     if reference:
         lines.append(f"'vs {reference}': {reference}'s s/epoch / the variant's (above 1 = faster than {reference}).")
+    if floor_seconds:
+        lines.append("'x floor': the variant's s/epoch / the floor's fastest figure (1 = at the floor).")
     lines.append(
         "warm-up s: the warm-up steps' wall time (compilation included); train acc: over the timed steps; "
         "peak MB: child's max RSS; child s: child's end-to-end wall time (start, import, load, train)."
@@ -339,9 +420,15 @@ def run_parent(args: argparse.Namespace) -> None:
 
     (x_train, y_train), _ = load_mnist(args.data_dir, download=False, progress=False)
     load_before = os.getloadavg()
+    floor = None
     runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in variants}
     with tempfile.TemporaryDirectory(prefix="digitlab-bench-") as tmp:
         data = Path(tmp)
+        if not args.no_floor:
+            floor = launch(sys.executable, FLOOR_VARIANT, data, args)
+            if "error" in floor:
+                print(f"note: the floor could not be measured: {floor['error']}", file=sys.stderr)
+                floor = None
         np.save(data / "x_train.npy", x_train)
         np.save(data / "y_train.npy", y_train)
         for repeat in range(args.repeats):  # interleaved, so drift in machine load spreads over all variants
@@ -354,12 +441,13 @@ def run_parent(args: argparse.Namespace) -> None:
     load_after = os.getloadavg()
 
     summaries = [summarize(variant, runs[variant]) for variant in variants]
-    print(format_table(summaries, args))
+    print(format_table(summaries, floor, args))
     print("\n".join(machine_lines(summaries, load_before, load_after)))
     if args.json:
         record = {
             "settings": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads},
             "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "load_before": load_before, "load_after": load_after},
+            "floor": floor,
             "summaries": summaries,
             "runs": runs,
         }
@@ -378,6 +466,7 @@ def parse_args() -> argparse.Namespace:
                         help="Python interpreter with tensorflow for the keras variant (default: this one)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads for every framework (default: theirs)")
     parser.add_argument("--data-dir", default=None, help="MNIST IDX directory (default: $DIGITLAB_DATA_DIR)")
+    parser.add_argument("--no-floor", action="store_true", help="skip measuring the machine's floor")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's figures to this JSON file")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # set when the script runs itself as a child
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TypeVar
@@ -53,14 +55,29 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """Turn `auto` into `bf16` where it is native and `fp32` elsewhere; check explicit choices."""
+    """Turn `auto` into the faster precision for the device (see `choose_precision`); check explicit choices."""
+    return choose_precision(precision, device)[0]
+
+
+def choose_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """The precision to run in, and why, as `digitlab train` reports it.
+
+    `auto` means bf16 on a CPU that runs it natively (AVX-512 BF16 or AMX) and
+    fp32 everywhere else: a CPU without native bf16 emulates it several times
+    slower, and on a GPU this small network is bound by kernel launches, not
+    arithmetic, so bf16's casts cost more than they save.
+    """
     if precision not in PRECISIONS:
         raise DigitlabError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise DigitlabError("fp16 autocast is for CUDA devices; use --precision bf16 or fp32 here")
-    return precision
+    if precision != "auto":
+        return precision, "chosen with --precision"
+    if device.type != "cpu":
+        return "fp32", f"on {device.type.upper()} this small network is launch-bound, and bf16 casts only add work"
+    if native_bf16(device):
+        return "bf16", "this CPU runs bf16 natively"
+    return "fp32", "this CPU has no native bf16 (emulated bf16 is several times slower)"
 
 
 def autocast(precision: str, device: torch.device) -> AbstractContextManager:
@@ -77,6 +94,30 @@ def set_threads(threads: int | None) -> None:
     if threads < 1:
         raise DigitlabError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory() -> None:
+    """Let the process reuse the memory a training step frees instead of handing it back to the OS.
+
+    A step allocates and frees activations of up to a few MB. By default glibc
+    serves such blocks with fresh mmaps and returns them when freed, so every
+    step faults its activations in anew, a page at a time, which is costly on
+    virtual machines. Raising the mmap and trim thresholds keeps them in the
+    heap for the next step. Only glibc has these settings; elsewhere this does nothing.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)  # glibc's largest allowed value
+    libc.mallopt(_M_TRIM_THRESHOLD, 1024 * 1024 * 1024)
 
 
 # torch.distributed, as launched by torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK).

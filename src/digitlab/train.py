@@ -279,6 +279,7 @@ def train(
         raise DigitlabError("--restore-best needs a checkpoint directory to keep the best model in")
 
     device = devices.resolve_device(config.device)
+    devices.keep_freed_memory()
     ranks = devices.init_distributed(device)
     if config.seed is None:  # every rank must shuffle alike: rank 0 chooses
         config.seed = devices.broadcast_object(int(torch.randint(0, 2**31 - 1, ()).item()))
