@@ -1,13 +1,15 @@
 """Where one lab-recipe training step spends its time: a torch.profiler breakdown by kind of work.
 
 One step is the lab recipe's (batch 32, SGD at lr 0.1, the lab's CNN,
-channels-last) in the chosen precision, on random images (the time does not
+channels-last) in the chosen precision (by default the one `digitlab train`
+chooses on this machine), with the allocator setting `digitlab train` uses,
+on random images (the time does not
 depend on the pixels). After warm-up steps, `--steps` steps run under the
 profiler; each operator's self time is put in a group (convolutions,
 BatchNorm, ReLU, optimizer, the rest), and the table prints milliseconds per
 step and the share of each group.
 
-    python benchmarks/profile_step.py                 # bf16, 100 profiled steps
+    python benchmarks/profile_step.py                 # auto precision, 100 profiled steps
     python benchmarks/profile_step.py --precision fp32 --top 15
 """
 
@@ -41,14 +43,16 @@ def group_of(name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--steps", type=int, default=100, help="profiled steps (default 100)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="intra-op threads (default: PyTorch's choice)")
     parser.add_argument("--top", type=int, default=10, help="also list the N costliest operators")
     args = parser.parse_args()
     devices.set_threads(args.threads)
+    devices.keep_freed_memory()
     device = torch.device("cpu")
+    precision, reason = devices.choose_precision(args.precision, device)
 
     model = build_model(seed=0).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -56,7 +60,7 @@ def main() -> None:
     labels = torch.randint(0, 10, (args.batch_size,))
 
     def step() -> None:
-        with devices.autocast(args.precision, device):
+        with devices.autocast(precision, device):
             logits = model(images)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -79,7 +83,7 @@ def main() -> None:
         by_group[group_of(event.key)] += event.self_cpu_time_total
     total = sum(by_group.values())
     print(
-        f"Lab-recipe step, batch {args.batch_size}, {args.precision}, {torch.get_num_threads()} thread(s): "
+        f"Lab-recipe step, batch {args.batch_size}, {precision} ({reason}), {torch.get_num_threads()} thread(s): "
         f"{unprofiled_ms:.2f} ms per step without the profiler ({unprofiled_ms * 1875 / 1e3:.1f} s per 1,875-step epoch)"
     )
     print(f"{'group':<12} {'ms/step':>8} {'share':>7}   (profiler self CPU time)")

@@ -77,7 +77,7 @@ def choose_precision(precision: str, device: torch.device) -> tuple[str, str]:
         return "fp32", f"on {device.type.upper()} this small network is launch-bound, and bf16 casts only add work"
     if native_bf16(device):
         return "bf16", "this CPU runs bf16 natively"
-    return "fp32", "this CPU has no native bf16 (emulated bf16 is several times slower)"
+    return "fp32", "this CPU has no native bf16, and emulating it is several times slower"
 
 
 def autocast(precision: str, device: torch.device) -> AbstractContextManager:

@@ -33,8 +33,8 @@ class GlobalAveragePooling(nn.AdaptiveAvgPool2d):
 
     Its gradient keeps the memory layout of its input. PyTorch's own backward
     writes an NCHW gradient even for channels-last activations, and the ReLU
-    before the pooling then runs its backward on mixed layouts, a slow path that
-    took about a quarter of a bf16 training step on a 2-core AVX-512 CPU.
+    before the pooling then runs its backward on mixed layouts, a slow path
+    (benchmarks/README.md gives the measurement).
     """
 
     def __init__(self) -> None:
