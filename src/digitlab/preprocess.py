@@ -7,7 +7,9 @@ A scan, a phone photo or a paint-program drawing is none of that, so
 `preprocess` applies these steps, each a small public function:
 
 1. `to_greyscale`: luminance in [0, 1] (1 = white); transparent pixels are laid over white.
-2. `limit_size`: very large pictures are first reduced (area average) to at most 512 px.
+2. `limit_size`: very large pictures are first reduced (area average) to at most 512 px; pictures
+   over twice that are already shrunk as 8-bit greyscale (and large JPEGs decoded at a reduced
+   scale by `load_image`), so no full-size float copy of a large picture is ever made.
 3. `denoise`: replace isolated specks (salt-and-pepper noise) by their neighbours' mean.
 4. `ink_is_dark` and `to_ink`: decide the polarity from the background (the picture's outer band)
    and invert dark-on-light pictures, so that ink is bright.
@@ -39,8 +41,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from digitlab.errors import DigitlabError
 
-MAX_PIXELS = 50_000_000
-"""Largest image (width × height) `load_image` decodes: a 50-megapixel photo, no decompression bombs."""
+MAX_PIXELS = 12_000_000
+"""Largest image (width × height) `load_image` decodes: a 12-megapixel phone photo is plenty for a digit.
+
+Decoded as 8-bit RGBA it holds 48 MB; nothing larger is ever decoded (no decompression bombs)."""
 
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 """Pillow formats `load_image` decodes (JPEG includes phone cameras' multi-picture JPEGs); no others."""
@@ -55,6 +59,7 @@ DIGIT_FRACTION = 0.25
 MAX_SINGLE_DIGIT_ASPECT = 1.5
 NO_INK_MESSAGE = "no ink found in the image: it is blank or has too little contrast; crop it to the digit"
 MULTIPLE_DIGITS_WARNING = "may contain more than one digit"
+LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 @dataclass
@@ -79,7 +84,8 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int = M
     """Open and fully decode an image file, bytes or binary stream, rejecting anything unsafe or broken.
 
     The size the file declares is checked against `max_pixels` before any pixel
-    is decoded; a photo's EXIF orientation is applied. Raises `DigitlabError` for missing, empty, non-image, truncated
+    is decoded; a JPEG whose longer side is 1024 px or more is decoded at a reduced
+    scale (longer side still at least 512 px); a photo's EXIF orientation is applied. Raises `DigitlabError` for missing, empty, non-image, truncated
     or oversized data; messages about a path start with the path.
     """
     if isinstance(source, (str, os.PathLike)):
@@ -121,6 +127,10 @@ def _decode(stream: BinaryIO, prefix: str, max_pixels: int) -> Image.Image:
         raise DigitlabError(f"{prefix}{_too_large(f'{width}×{height} = {width * height:,} pixels', max_pixels)}")
     if width == 0 or height == 0:
         raise DigitlabError(f"{prefix}the image has no pixels ({width}×{height})")
+    if image.format == "JPEG" and max(width, height) >= 2 * WORKING_SIZE:
+        # decode at 1/2, 1/4 or 1/8 scale (in the DCT), keeping the longer side at least WORKING_SIZE
+        scale = WORKING_SIZE / max(width, height)
+        image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
     try:
         image.load()
         return ImageOps.exif_transpose(image)  # phone photos: turn upright as the camera was held
@@ -194,12 +204,19 @@ def to_greyscale(image: Image.Image | np.ndarray) -> np.ndarray:
 
 
 def _pil_to_greyscale(image: Image.Image) -> np.ndarray:
+    factor = max(image.size) // WORKING_SIZE
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        return _unit_range(np.asarray(image, dtype=np.float64))
+        image = image.convert("F") if image.mode != "F" else image
+        return _unit_range(np.asarray(image.reduce(factor) if factor >= 2 else image))
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
-        return _composite_over_white(rgba[:, :, :3], rgba[:, :, 3])
-    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        if factor < 2:
+            rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+            return _composite_over_white(rgba[:, :, :3], rgba[:, :, 3])
+        # a large picture: greyscale and average in 8 bits before any float copy is made
+        grey_alpha = np.asarray(image.convert("RGBA").convert("LA").reduce(factor), dtype=np.float32) / 255.0
+        return _composite_over_white(grey_alpha[:, :, :1], grey_alpha[:, :, 1], weights=np.ones(1, np.float32))
+    grey = image.convert("L")
+    return np.asarray(grey.reduce(factor) if factor >= 2 else grey, dtype=np.float32) / 255.0
 
 
 def _unit_range(array: np.ndarray) -> np.ndarray:
@@ -219,8 +236,10 @@ def _unit_range(array: np.ndarray) -> np.ndarray:
     return values / (255.0 if peak <= 255 else 65535.0)
 
 
-def _composite_over_white(rgb: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
-    luminance = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+def _composite_over_white(
+    rgb: np.ndarray, alpha: np.ndarray | None, weights: np.ndarray = LUMINANCE
+) -> np.ndarray:
+    luminance = rgb @ weights
     if alpha is None:
         return luminance.astype(np.float32)
     grey = alpha * luminance + (1.0 - alpha)
