@@ -109,6 +109,20 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int = M
     return _decode(io.BytesIO(data), "", max_pixels)
 
 
+def declared_pixels(data: bytes) -> int:
+    """The width × height an image file's header declares, without decoding it; 0 when unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+                return image.width * image.height
+    except Image.DecompressionBombError as error:
+        declared = re.search(r"(\d+) pixels", str(error))
+        return int(declared.group(1)) if declared else 0
+    except Exception:  # load_image says why, when the file is decoded
+        return 0
+
+
 def _decode(stream: BinaryIO, prefix: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
