@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import h11
 import numpy as np
+import torch
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -284,6 +285,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The network reads small batches: threads of one operator only wait for each other (tens of
+        # ms on a busy machine); cores are used by the preprocessing pool and by --workers instead.
+        torch.set_num_threads(1)
         await run_in_threadpool(recognizer.predict, np.zeros((1, 28, 28), dtype=np.uint8))  # warm up
         batcher = Batcher(recognizer)
         task = asyncio.create_task(batcher.run())
