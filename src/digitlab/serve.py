@@ -215,7 +215,7 @@ class RequestGuard:
 
     @staticmethod
     async def refuse(scope: Scope, receive: Receive, send: Send, status: int, detail: str) -> None:
-        response = JSONResponse({"detail": detail}, status_code=status, headers={"Connection": "close"})
+        response = JSONResponse({"detail": detail}, status_code=status)
         await response(scope, receive, send)
 
 
