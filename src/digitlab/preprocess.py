@@ -296,6 +296,16 @@ def denoise(grey: np.ndarray, jump: float = 0.25) -> np.ndarray:
     return np.where(isolated, neighbours.mean(axis=0), grey).astype(np.float32)
 
 
+def _median(values: np.ndarray) -> np.floating:
+    """`np.median` of all values (same result and dtype), by one partition: far cheaper on small arrays."""
+    flat = values.ravel()
+    middle = flat.size // 2
+    if flat.size % 2:
+        return np.partition(flat, middle)[middle]
+    low, high = np.partition(flat, [middle - 1, middle])[middle - 1 : middle + 1]
+    return (low + high) / flat.dtype.type(2)
+
+
 def _outer_band(image: np.ndarray) -> np.ndarray:
     """The pixels within 10% of the picture's edges: mostly background in any picture of a digit."""
     height, width = image.shape
@@ -308,7 +318,7 @@ def _outer_band(image: np.ndarray) -> np.ndarray:
 
 def background_level(image: np.ndarray) -> float:
     """The background's value: the median of the picture's outer band."""
-    return float(np.median(_outer_band(image)))
+    return float(_median(_outer_band(image)))
 
 
 def ink_is_dark(grey: np.ndarray) -> bool:
@@ -341,7 +351,7 @@ def flatten_background(ink: np.ndarray, grid: int = 6, spread: float = 0.08) -> 
     height, width = ink.shape
     rows, cols = max(1, round(0.1 * height)), max(1, round(0.1 * width))
     edges = [ink[:rows], ink[-rows:], ink[:, :cols], ink[:, -cols:]]
-    levels = [float(np.median(edge)) for edge in edges]
+    levels = [float(_median(edge)) for edge in edges]
     if max(levels) - min(levels) <= spread or min(height, width) < 2 * grid:
         return ink
     cells = np.array(
@@ -375,7 +385,7 @@ def threshold(ink: np.ndarray) -> np.ndarray:
     if level - background < MIN_CONTRAST:
         raise DigitlabError(NO_INK_MESSAGE)
     stretched = np.clip((ink - background) / (level - background), 0.0, 1.0).astype(np.float32)
-    noise = 1.4826 * float(np.median(np.abs(stretched - np.median(stretched))))
+    noise = 1.4826 * float(_median(np.abs(stretched - _median(stretched))))
     cut = min(0.5, max(MIN_INK_LEVEL, 4.0 * noise))
     strokes = stretched >= cut
     near_strokes = _neighbourhood_max(strokes)
