@@ -165,7 +165,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if self.api_key is not None and scope["path"].startswith("/v1/") and not self.authorized(headers):
+        if self.api_key is not None and scope["path"].startswith("/v1/") and not authorized(headers, self.api_key):
             detail = "missing or wrong API key; send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
             response = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)
@@ -203,13 +203,6 @@ class RequestGuard:
             log.info("%s: %s %s: the client went away before sending its whole request",
                      client_name(scope), scope["method"], scope["path"])  # fmt: skip
 
-    def authorized(self, headers: dict[bytes, bytes]) -> bool:
-        """Whether the request carries the API key, compared in constant time."""
-        assert self.api_key is not None
-        bearer = headers.get(b"authorization", b"")
-        offered = bearer[7:] if bearer[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
-        return hmac.compare_digest(offered.strip(), self.api_key)
-
     def too_large_message(self) -> str:
         return f"request body larger than {self.limits.max_body_bytes} bytes; send fewer or smaller images"
 
@@ -217,6 +210,13 @@ class RequestGuard:
     async def refuse(scope: Scope, receive: Receive, send: Send, status: int, detail: str) -> None:
         response = JSONResponse({"detail": detail}, status_code=status)
         await response(scope, receive, send)
+
+
+def authorized(headers: dict[bytes, bytes], api_key: bytes) -> bool:
+    """Whether the request carries the API key (as a bearer token or X-API-Key), compared in constant time."""
+    bearer = headers.get(b"authorization", b"")
+    offered = bearer[7:] if bearer[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+    return hmac.compare_digest(offered.strip(), api_key)
 
 
 def client_name(scope: Scope) -> str:
