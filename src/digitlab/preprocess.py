@@ -285,7 +285,7 @@ def denoise(grey: np.ndarray, jump: float = 0.25) -> np.ndarray:
     height, width = grey.shape
     if min(height, width) < 2:
         return grey
-    padded = np.pad(grey, 1, mode="reflect")  # an edge pixel's outside neighbours mirror its inside ones
+    padded = _pad_one(grey, reflect=True)  # an edge pixel's outside neighbours mirror its inside ones
     neighbours = np.stack(
         [padded[dr : dr + height, dc : dc + width] for dr in range(3) for dc in range(3) if (dr, dc) != (1, 1)]
     )
@@ -294,6 +294,23 @@ def denoise(grey: np.ndarray, jump: float = 0.25) -> np.ndarray:
     if not isolated.any():
         return grey
     return np.where(isolated, neighbours.mean(axis=0), grey).astype(np.float32)
+
+
+def _pad_one(image: np.ndarray, reflect: bool) -> np.ndarray:
+    """A one-pixel border around a 2-D image: mirrored (`np.pad` mode "reflect") or repeated ("edge").
+
+    `np.pad` does the same, at several times the cost on the small pictures a service sees.
+    """
+    first, last = (slice(1, 2), slice(-2, -1)) if reflect else (slice(0, 1), slice(-1, None))
+    rows = np.concatenate([image[first], image, image[last]], axis=0)
+    return np.concatenate([rows[:, first], rows, rows[:, last]], axis=1)
+
+
+def _pad_zeros(image: np.ndarray, width: int) -> np.ndarray:
+    """`width` pixels of zeros around a 2-D image (`np.pad`'s default, cheaper)."""
+    padded = np.zeros((image.shape[0] + 2 * width, image.shape[1] + 2 * width), dtype=image.dtype)
+    padded[width : width + image.shape[0], width : width + image.shape[1]] = image
+    return padded
 
 
 def _median(values: np.ndarray) -> np.floating:
@@ -366,7 +383,7 @@ def flatten_background(ink: np.ndarray, grid: int = 6, spread: float = 0.08) -> 
 
 def _neighbourhood_max(values: np.ndarray) -> np.ndarray:
     """Each element's maximum over its 3×3 neighbourhood (a dilation, for boolean masks)."""
-    padded = np.pad(values, 1, mode="edge")
+    padded = _pad_one(values, reflect=False)
     height, width = values.shape
     return np.max([padded[dr : dr + height, dc : dc + width] for dr in range(3) for dc in range(3)], axis=0)
 
@@ -544,7 +561,7 @@ def crop_to_ink(ink: np.ndarray, margin: float = 0.15) -> np.ndarray:
     """
     top, left, bottom, right = ink_box(ink)
     pad = math.ceil(margin * max(bottom - top, right - left)) + 1
-    return np.pad(ink[top:bottom, left:right], pad)
+    return _pad_zeros(ink[top:bottom, left:right], pad)
 
 
 def fit_to_box(ink: np.ndarray, box: int = BOX_SIZE, pad: int = 2) -> np.ndarray:
@@ -562,7 +579,7 @@ def fit_to_box(ink: np.ndarray, box: int = BOX_SIZE, pad: int = 2) -> np.ndarray
     source_left = (left + right - source_width) / 2
     margin = math.ceil(max(0.0, -source_top, -source_left, source_top + source_height - ink.shape[0],
                            source_left + source_width - ink.shape[1])) + 1
-    padded = Image.fromarray(np.pad(ink, margin).astype(np.float32))
+    padded = Image.fromarray(_pad_zeros(ink.astype(np.float32), margin))
     region = (source_left + margin, source_top + margin, source_left + margin + source_width,
               source_top + margin + source_height)
     scaled = padded.resize((out_width, out_height), Image.Resampling.LANCZOS, box=region)
