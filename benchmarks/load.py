@@ -1,12 +1,16 @@
-"""Load benchmark for `digitlab serve`: throughput and latency under concurrent clients.
+"""Load benchmark for `digitlab serve`, side by side with its stack's ceiling.
 
-Starts `digitlab serve` as a subprocess on a free loopback port, sends
-`--requests` POST /v1/predict requests (one MNIST test digit each, as a
-112×112 black-on-white PNG upload, like a picture from the page) from
-`--concurrency` concurrent clients, then stops the server with SIGTERM and
-reports requests/s, latency percentiles and errors.
+The ceiling is a bare FastAPI endpoint on the same uvicorn (one worker, access
+log on, like digitlab's) that reads the same multipart uploads and answers JSON
+without a model. Each round starts the ceiling server, then `digitlab serve`,
+each as a subprocess on a free 127.0.0.1 port, sends both the same `--requests`
+POST /v1/predict requests (one MNIST test digit each, as a `--size`×`--size`
+black-on-white PNG, or JSON 28×28 pixel arrays) from `--concurrency` concurrent
+clients after a warm-up, and stops each with SIGTERM. It prints a table of the
+medians over `--rounds` rounds: requests/s, p50 and p99 latency, errors, and
+the machine (CPU model, cores, whether bf16 is native).
 
-    python benchmarks/load.py                       # 2,000 requests, 16 clients
+    python benchmarks/load.py                       # 2,000 requests, 16 clients, 3 rounds
     python benchmarks/load.py --workers 2 --payload json
 """
 
@@ -27,7 +31,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from fastapi import FastAPI, Request
 from PIL import Image
+from starlette.datastructures import UploadFile
 
 from digitlab.data import load_mnist
 from digitlab.errors import DigitlabError
@@ -39,8 +45,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def png_upload(pixels: np.ndarray) -> bytes:
-    image = Image.fromarray(255 - pixels).resize((112, 112), Image.Resampling.BILINEAR)
+def png_upload(pixels: np.ndarray, size: int) -> bytes:
+    image = Image.fromarray(255 - pixels).resize((size, size), Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -60,16 +66,39 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def start_server(model: str | None, port: int, workers: int, log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "digitlab", "serve", "--port", str(port), "--workers", str(workers)]
-    if model:
-        command += ["--model", model]
+def ceiling_app() -> FastAPI:
+    """A FastAPI app that reads uploads or a JSON body like digitlab's /v1/predict and answers without a model."""
+    app = FastAPI()
+
+    @app.get("/readyz")
+    async def readyz() -> dict[str, str]:
+        return {"status": "ready"}
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> dict:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            sizes = [len(await upload.read()) for upload in form.getlist("files") if isinstance(upload, UploadFile)]
+        else:
+            sizes = [len(image) for image in json.loads(await request.body())["images"]]
+        return {"predictions": [{"source": str(size), "digit": 0, "probability": 1.0} for size in sizes]}
+
+    return app
+
+
+def serve_ceiling(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(ceiling_app(), host="127.0.0.1", port=port, log_level="info", http="h11")
+
+
+def start_server(command: list[str], port: int, log: Path) -> subprocess.Popen:
     with open(log, "wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            sys.exit(f"digitlab serve exited with {process.returncode}:\n{log.read_text()}")
+            sys.exit(f"{command[2:4]} exited with {process.returncode}:\n{log.read_text()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
                 return process
@@ -77,7 +106,50 @@ def start_server(model: str | None, port: int, workers: int, log: Path) -> subpr
             pass
         time.sleep(0.2)
     process.kill()
-    sys.exit(f"digitlab serve was not ready within 120 s:\n{log.read_text()}")
+    sys.exit(f"{command[2:4]} was not ready within 120 s:\n{log.read_text()}")
+
+
+def stop_server(server: subprocess.Popen) -> int:
+    server.send_signal(signal.SIGTERM)
+    try:
+        return server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        return server.wait()
+
+
+def measure(command: list[str], port: int, requests: list[dict], concurrency: int) -> dict:
+    """Start a server, warm it up, send `requests`, stop it: requests/s, latencies, answers, CPU, exit status."""
+    url = f"http://127.0.0.1:{port}/v1/predict"
+    with tempfile.TemporaryDirectory() as scratch:
+        server = start_server(command, port, Path(scratch) / "serve.log")
+        try:
+            asyncio.run(send_all(url, requests[: 4 * concurrency], concurrency))  # warm-up
+            cpu_before = cpu_seconds(server.pid)
+            latencies, answers, wall = asyncio.run(send_all(url, requests, concurrency))
+            server_cpu = cpu_seconds(server.pid) - cpu_before
+        finally:
+            exit_status = stop_server(server)
+    milliseconds = np.array(latencies) * 1000
+    return {
+        "requests_per_second": len(requests) / wall,
+        "p50_ms": float(np.percentile(milliseconds, 50)),
+        "p99_ms": float(np.percentile(milliseconds, 99)),
+        "errors": sum(answer is None for answer in answers),
+        "server_cpu_ms_per_request": server_cpu * 1000 / len(requests),
+        "exit_status": exit_status,
+        "answers": answers,
+    }
+
+
+def machine() -> str:
+    import torch
+
+    from digitlab.devices import native_bf16
+    from digitlab.runs import cpu_name
+
+    bf16 = "native" if native_bf16(torch.device("cpu")) else "not native"
+    return f"{cpu_name()}, {os.cpu_count()} cores, bf16 {bf16}"
 
 
 async def send_all(
@@ -112,13 +184,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument("--rounds", type=int, default=3, help="ceiling and digitlab runs, alternated")
+    parser.add_argument("--workers", type=int, default=1, help="digitlab serve worker processes")
     parser.add_argument("--payload", choices=("png", "json"), default="png",
                         help="PNG file uploads (default) or JSON 28×28 pixel arrays")  # fmt: skip
+    parser.add_argument("--size", type=int, default=64, help="side of the PNG uploads in pixels (default 64)")
     parser.add_argument("--model", help="model file (default: the bundled model)")
     parser.add_argument("--data-dir", help="MNIST directory (default: digitlab's data directory)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--serve-ceiling", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_ceiling:
+        serve_ceiling(args.serve_ceiling)
+        return
 
     try:
         _, (x_test, y_test) = load_mnist(args.data_dir, download=False, progress=False)
@@ -126,59 +204,44 @@ def main() -> None:
         sys.exit(f"load.py: error: {error}")
     picks = np.arange(args.requests) % len(x_test)
     if args.payload == "png":
-        uploads = [png_upload(image) for image in x_test[: min(args.requests, len(x_test))]]
+        uploads = [png_upload(image, args.size) for image in x_test[: min(args.requests, len(x_test))]]
         requests = [{"files": {"files": (f"{i}.png", uploads[i % len(uploads)], "image/png")}} for i in picks]
     else:
         requests = [{"json": {"images": [x_test[i].tolist()]}} for i in picks]
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/v1/predict"
-    with tempfile.TemporaryDirectory() as scratch:
-        log = Path(scratch) / "serve.log"
-        server = start_server(args.model, port, args.workers, log)
-        try:
-            asyncio.run(send_all(url, requests[: 4 * args.concurrency], args.concurrency))  # warm-up
-            cpu_before = cpu_seconds(server.pid)
-            latencies, answers, wall = asyncio.run(send_all(url, requests, args.concurrency))
-            server_cpu = cpu_seconds(server.pid) - cpu_before
-        finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                exit_status = server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                exit_status = server.wait()
-        logged = sum('"POST /v1/predict' in line for line in log.read_text().splitlines())
+    digitlab_name = f"digitlab ({args.workers} worker{'s' if args.workers > 1 else ''})"
+    runs: dict[str, list[dict]] = {"ceiling (bare FastAPI)": [], digitlab_name: []}
+    for _ in range(args.rounds):
+        port = free_port()
+        ceiling = [sys.executable, __file__, "--serve-ceiling", str(port)]
+        runs["ceiling (bare FastAPI)"].append(measure(ceiling, port, requests, args.concurrency))
+        port = free_port()
+        digitlab = [sys.executable, "-m", "digitlab", "serve", "--port", str(port), "--workers", str(args.workers)]
+        digitlab += ["--model", args.model] if args.model else []
+        runs[digitlab_name].append(measure(digitlab, port, requests, args.concurrency))
 
-    errors = sum(answer is None for answer in answers)
-    correct = sum(answer is not None and answer["digit"] == y_test[i] for answer, i in zip(answers, picks))
-    milliseconds = np.array(latencies) * 1000
-    results = {
-        "requests": args.requests,
-        "concurrency": args.concurrency,
-        "workers": args.workers,
-        "payload": args.payload,
-        "seconds": round(wall, 2),
-        "requests_per_second": round(args.requests / wall, 1),
-        "latency_ms": {f"p{q}": round(float(np.percentile(milliseconds, q)), 1) for q in (50, 90, 99)}
-        | {"max": round(float(milliseconds.max()), 1)},
-        "server_cpu_ms_per_request": round(server_cpu * 1000 / args.requests, 2),
-        "errors": errors,
-        "agreement_with_labels": round(correct / args.requests, 4),
-        "server_exit_status": exit_status,
-        "requests_logged": logged,
-    }
+    keys = ("requests_per_second", "p50_ms", "p99_ms", "errors", "server_cpu_ms_per_request")
+    table = {name: {key: float(np.median([run[key] for run in results])) for key in keys}
+             for name, results in runs.items()}  # fmt: skip
+    answers = [answer for run in runs[digitlab_name] for answer in run["answers"]]
+    labels = np.tile(y_test[picks], args.rounds)
+    agreement = float(np.mean([a is not None and a["digit"] == label for a, label in zip(answers, labels)]))
+    ratio = table[digitlab_name]["requests_per_second"] / table["ceiling (bare FastAPI)"]["requests_per_second"]
+    exits = sorted({run["exit_status"] for run in runs[digitlab_name]})
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"machine": machine(), "requests": args.requests, "concurrency": args.concurrency,
+                          "rounds": args.rounds, "payload": args.payload, "size": args.size, "medians": table,
+                          "ratio": ratio, "agreement_with_labels": agreement, "exit_statuses": exits}, indent=2))  # fmt: skip
         return
-    latency = results["latency_ms"]
-    print(f"{args.requests} requests ({args.payload}), {args.concurrency} clients, {args.workers} worker(s): "
-          f"{results['requests_per_second']} requests/s over {results['seconds']} s")  # fmt: skip
-    percentiles = ", ".join(f"{name} {value} ms" for name, value in latency.items())
-    print(f"latency: {percentiles}")
-    print(f"server CPU time: {results['server_cpu_ms_per_request']} ms per request")
-    print(f"errors: {errors}; predictions agreeing with the labels: {results['agreement_with_labels']:.2%}")
-    print(f"server: {logged} requests logged (warm-up included), exit status {exit_status} after SIGTERM")
+    print(f"machine: {machine()}")
+    payload = f"{args.size}×{args.size} PNG uploads" if args.payload == "png" else "JSON 28×28 arrays"
+    print(f"{args.requests} requests ({payload}) from {args.concurrency} clients, medians of {args.rounds} rounds")
+    print(f"{'server':<26}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'server CPU ms/req':>19}")
+    for name, row in table.items():
+        print(f"{name:<26}{row['requests_per_second']:>8.0f}{row['p50_ms']:>9.1f}{row['p99_ms']:>9.1f}"
+              f"{row['errors']:>8.0f}{row['server_cpu_ms_per_request']:>19.2f}")  # fmt: skip
+    print(f"digitlab reaches {ratio:.2f} of the ceiling's requests/s; its predictions agree with the labels "
+          f"for {agreement:.2%}; digitlab's exit statuses after SIGTERM: {exits}")  # fmt: skip
 
 
 if __name__ == "__main__":

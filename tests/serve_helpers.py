@@ -109,6 +109,14 @@ def running_server(
             process.wait()
 
 
+def peak_memory_bytes(pid: int) -> int:
+    """A process's peak resident memory so far (VmHWM in /proc/<pid>/status), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
 def wait_until_ready(server: ServerProcess, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -297,8 +297,8 @@ def test_load_image_refuses_huge_declared_sizes_before_decoding(tmp_path):
     with pytest.raises(DigitlabError, match=r"bomb\.png: the image is too large \(10,000,000,000 pixels"):
         pp.load_image(path)
     # Within Pillow's own limit but above digitlab's.
-    with pytest.raises(DigitlabError, match=r"too large \(8000×8000 = 64,000,000 pixels, the limit is 50,000,000\)"):
-        pp.load_image(png_declaring(8000, 8000))
+    with pytest.raises(DigitlabError, match=r"too large \(4000×4000 = 16,000,000 pixels, the limit is 12,000,000\)"):
+        pp.load_image(png_declaring(4000, 4000))
     with pytest.raises(DigitlabError, match="the limit is 100"):
         pp.load_image(png_bytes(Image.new("L", (20, 20))), max_pixels=100)
 
@@ -312,3 +312,23 @@ def test_load_image_rejects_missing_paths_directories_and_other_formats(tmp_path
     Image.new("L", (8, 8)).save(buffer, format="PPM")  # Pillow reads it, digitlab does not accept it
     with pytest.raises(DigitlabError, match="not an image digitlab can read"):
         pp.load_image(buffer.getvalue())
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_scale_that_still_covers_the_working_size():
+    buffer = io.BytesIO()
+    Image.new("RGB", (3000, 2000), "white").save(buffer, format="JPEG")
+    loaded = pp.load_image(buffer.getvalue())
+    assert loaded.size == (750, 500)  # 1/4 scale: the longer side stays at least 512
+    assert max(pp.to_greyscale(loaded).shape) >= 512
+
+
+def test_large_transparent_pictures_become_small_greyscale_with_the_same_digit(mnist):
+    """A 2,800×2,800 RGBA digit is averaged in 8 bits before any float copy; it reads like a small one."""
+    (_, _), (x_test, _) = mnist
+    small = Image.fromarray(x_test[0]).resize((280, 280), Image.Resampling.BILINEAR)
+    rgba = Image.new("RGBA", small.size, (0, 0, 0, 0))
+    rgba.putalpha(small)
+    large = rgba.resize((2800, 2800), Image.Resampling.NEAREST)
+    grey = pp.to_greyscale(large)
+    assert grey.dtype == np.float32 and grey.shape == (560, 560)
+    assert np.abs(pp.preprocess(large) - pp.preprocess(rgba)).max() < 0.1

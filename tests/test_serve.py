@@ -19,7 +19,7 @@ from serve_helpers import running_server
 
 from digitlab import serve as serve_module
 from digitlab.cli import main
-from digitlab.predict import predict_images
+from digitlab.predict import classify, predict_images
 
 
 def png_bytes(pixels: np.ndarray, dark_on_light: bool = True, scale: int = 2) -> bytes:
@@ -248,24 +248,24 @@ def test_the_server_keeps_serving_after_errors(client, digits):
     assert response.status_code == 200 and response.json()["predictions"][0]["digit"] == digits[1][0]
 
 
-def send_while_the_first_batch_runs(model_path, bodies, monkeypatch, poison_shape=None):
+def send_while_the_first_batch_runs(model_path, bodies, monkeypatch, poison_blank=False):
     """Send bodies[0], then the others while the model is busy with it; return batch sizes and responses.
 
     serve's predict_images is wrapped: its first call waits until the other
-    requests are queued, and a batch with an image of `poison_shape` raises.
+    requests are queued, and (with `poison_blank`) a batch holding a blank picture raises.
     """
     batch_sizes: list[int] = []
     release = threading.Event()
 
-    def gated_predict_images(sources, **kwargs):
-        batch_sizes.append(len(sources))
+    def gated_classify(recognizer, prepared, *args):
+        batch_sizes.append(len(prepared))
         if len(batch_sizes) == 1:
             assert release.wait(20)
-        if any(getattr(source, "shape", None) == poison_shape for source in sources):
-            raise RuntimeError("a picture that breaks the pipeline")
-        return predict_images(sources, **kwargs)
+        if poison_blank and any(not result.ok for result in prepared):
+            raise RuntimeError("a picture that breaks the network")
+        return classify(recognizer, prepared, *args)
 
-    monkeypatch.setattr(serve_module, "predict_images", gated_predict_images)
+    monkeypatch.setattr(serve_module, "classify", gated_classify)
     app = serve_module.create_app(model_path)
     responses: dict[int, httpx.Response] = {}
     with TestClient(app, raise_server_exceptions=False) as client:
@@ -305,7 +305,7 @@ def test_a_failing_request_does_not_fail_the_others_in_its_batch(bundled_model_p
     bodies = [{"images": [x[0].tolist()]}, {"images": [x[1].tolist()]}, {"images": [poison.tolist()]},
               {"images": [x[2].tolist()]}]  # fmt: skip
     batch_sizes, responses = send_while_the_first_batch_runs(
-        bundled_model_path, bodies, monkeypatch, poison_shape=poison.shape
+        bundled_model_path, bodies, monkeypatch, poison_blank=True
     )
     assert batch_sizes == [1, 3, 1, 1, 1]  # the failed batch of three, then each request alone
     assert [r.status_code for r in responses] == [200, 200, 500, 200]

@@ -143,11 +143,40 @@ def describe_source(source: ImageSource, index: int) -> str:
     return f"<{kind} {index}>"
 
 
-def _prepare(source: ImageSource) -> tuple[np.ndarray, list[str]]:
-    """The 28×28 image for the network and the preprocessing's warnings."""
-    picture = source if isinstance(source, (Image.Image, np.ndarray)) else load_image(source)
-    image, report = preprocess_with_report(picture)
-    return image, report.warnings
+def prepare_image(source: ImageSource, index: int = 0) -> ImagePrediction:
+    """Load and preprocess one picture: an `ImagePrediction` with its 28×28 `image`, or its `error`.
+
+    `index` names pictures that are not files (`describe_source`). The network
+    is not run: `classify` fills in the digits of many prepared pictures at once.
+    """
+    result = ImagePrediction(source=describe_source(source, index))
+    try:
+        picture = source if isinstance(source, (Image.Image, np.ndarray)) else load_image(source)
+        result.image, report = preprocess_with_report(picture)
+        result.warnings = report.warnings
+    except DigitlabError as error:
+        named = not isinstance(source, (str, os.PathLike)) or str(error).startswith(result.source)
+        result.error = str(error) if named else f"{result.source}: {error}"
+    return result
+
+
+def classify(
+    recognizer: Recognizer,
+    results: list[ImagePrediction],
+    top_k: int = 3,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+) -> None:
+    """Run the prepared pictures (those without an error) through the network in one batch, in place."""
+    ready = [result for result in results if result.ok]
+    if not ready:
+        return
+    prediction = recognizer.predict(np.stack([result.image for result in ready]))
+    for result, probabilities, best in zip(ready, prediction.probabilities, prediction.top_k(top_k)):
+        result.digit, result.probability = best[0]
+        result.top_k = best
+        result.probabilities = [float(p) for p in probabilities]
+        if result.probability < min_confidence:
+            result.warnings = [LOW_CONFIDENCE_WARNING, *result.warnings]
 
 
 def predict_images(
@@ -196,22 +225,7 @@ def _predict_batch(
     """Preprocess a batch of pictures one by one, then run the readable ones through the network at once."""
     results = []
     for index, source in enumerate(sources, start=first_index):
-        result = ImagePrediction(source=describe_source(source, index))
-        try:
-            result.image, result.warnings = _prepare(source)
-        except DigitlabError as error:
-            named = not isinstance(source, (str, os.PathLike)) or str(error).startswith(result.source)
-            result.error = str(error) if named else f"{result.source}: {error}"
-        results.append(result)
+        results.append(prepare_image(source, index))
         bar.update(1)
-    ready = [result for result in results if result.ok]
-    if not ready:
-        return results
-    prediction = recognizer.predict(np.stack([result.image for result in ready]))
-    for result, probabilities, best in zip(ready, prediction.probabilities, prediction.top_k(top_k)):
-        result.digit, result.probability = best[0]
-        result.top_k = best
-        result.probabilities = [float(p) for p in probabilities]
-        if result.probability < min_confidence:
-            result.warnings = [LOW_CONFIDENCE_WARNING, *result.warnings]
+    classify(recognizer, results, top_k, min_confidence)
     return results

@@ -127,9 +127,20 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, card: dict[str, 
 
 
 def load_model(path: str | os.PathLike) -> tuple[DigitCNN, dict[str, Any]]:
-    """Load a model file; return the network in eval mode and its card."""
+    """Load a model file; return the network in eval mode and its card.
+
+    Raises `DigitlabError` for a file that is not a digitlab model or whose weights are not all finite.
+    """
     path = Path(path)
     tensors, metadata = _load_tensors(path, FORMAT, "model")
+    not_finite = sorted(
+        name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    )
+    if not_finite:
+        raise DigitlabError(
+            f"{path} has non-finite weights (NaN or infinity) in {', '.join(not_finite[:3])}"
+            f"{' ...' if len(not_finite) > 3 else ''}; training diverged: retrain or pass another model"
+        )
     model = build_model()
     _load_weights(model, tensors, path)
     model.eval()

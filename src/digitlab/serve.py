@@ -2,27 +2,37 @@
 
 `create_app` builds the application around one model, loaded once when the app
 is created (so once per worker process); `serve` runs it under uvicorn. Images
-go through the same pipeline as `digitlab predict` (`digitlab.preprocess`,
-`digitlab.predict.predict_images`). Requests that arrive while the model is busy
-are predicted together in one batch when it is free again.
+go through the same pipeline as `digitlab predict` (`digitlab.predict.prepare_image`,
+then `classify`). Each request's images are decoded and preprocessed one after
+another in a pool of threads (one per core), within a pixel cap and a time
+budget, so a large request never stalls small ones; the network then reads the
+images of all requests waiting for it in one batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import io
+import ipaddress
 import json
+import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import h11
 import numpy as np
+import torch
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -30,17 +40,45 @@ from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from digitlab.errors import DigitlabError
-from digitlab.predict import Recognizer, bundled_model_path, load_recognizer, predict_images
-from digitlab.preprocess import MAX_PIXELS, load_image
+from digitlab.predict import (
+    ImagePrediction,
+    Recognizer,
+    bundled_model_path,
+    classify,
+    load_recognizer,
+    prepare_image,
+)
+from digitlab.preprocess import MAX_PIXELS, declared_pixels, load_image
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
 MAX_IMAGES = 64
+MAX_REQUEST_PIXELS = 4 * MAX_PIXELS
+"""Pixels all images of one request may declare together; they are decoded one at a time."""
+TIME_BUDGET = 10.0
+"""Seconds one request's images may take to decode and preprocess."""
+CLIENT_TIMEOUT = 5.0
+"""Seconds a client may take to send its request headers, or between parts of its body; idle keep-alive."""
+SHUTDOWN_TIMEOUT = 3.0
+"""Seconds requests in progress get to finish after SIGTERM or SIGINT before they are cancelled."""
+MAX_CONNECTIONS = 256
+"""Open connections and requests in progress beyond which a new one gets 503."""
 TOP_K = 3
 STATIC_DIR = Path(str(resources.files("digitlab") / "static"))
-MODEL_ENVIRONMENT_VARIABLE = "DIGITLAB_SERVE_MODEL"
+SETTINGS_ENVIRONMENT_VARIABLE = "DIGITLAB_SERVE_SETTINGS"
+API_KEY_ENVIRONMENT_VARIABLE = "DIGITLAB_API_KEY"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1")
+CARD_FIELDS = ("name", "architecture", "parameters", "input", "config", "dataset", "val_split", "limit",
+               "data_sha256", "history", "training_seconds", "test", "created")  # fmt: skip
+"""What `/v1/model` shows of a model card: not the training command (local paths) nor the machine."""
+
+log = logging.getLogger("uvicorn.error")
+T = TypeVar("T")
 
 
 # Request and response bodies --------------------------------------------------------
@@ -92,47 +130,102 @@ PREDICT_REQUEST_BODY = {
 # The service -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost: bytes, images, pixels and time."""
+
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_images: int = MAX_IMAGES
+    max_request_pixels: int = MAX_REQUEST_PIXELS
+    time_budget: float = TIME_BUDGET
+    client_timeout: float = CLIENT_TIMEOUT
+
+
 class BodyTooLarge(Exception):
     """A request body went over the configured size."""
 
 
-class BodyLimit:
-    """ASGI middleware that stops reading a request body beyond `max_bytes`: 413 instead."""
+class ClientTooSlow(Exception):
+    """A client sent nothing of its request body for longer than the client timeout."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+class RequestGuard:
+    """ASGI middleware: the API key on /v1/ routes, the body size limit (413) and the body read timeout (408).
+
+    A client that goes away before its request was read is logged as one INFO line.
+    """
+
+    def __init__(self, app: ASGIApp, limits: Limits, api_key: str | None) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.limits = limits
+        self.api_key = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await self.too_large(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"].startswith("/v1/") and not authorized(headers, self.api_key):
+            detail = "missing or wrong API key; send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+            response = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
             return
-        received = 0
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limits.max_body_bytes:
+            await self.refuse(scope, receive, send, 413, self.too_large_message())
+            return
+        received, complete = 0, False
 
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal received, complete
+            if complete:  # the body is in: later calls only wait for a disconnect
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.limits.client_timeout)
+            except TimeoutError:
+                raise ClientTooSlow from None
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            if received > self.limits.max_body_bytes:
                 raise BodyTooLarge
             return message
 
         try:
-            await self.app(scope, counting_receive, send)
+            await self.app(scope, guarded_receive, send)
         except BodyTooLarge:
-            await self.too_large(scope, receive, send)
+            await self.refuse(scope, receive, send, 413, self.too_large_message())
+        except ClientTooSlow:
+            log.info("%s: %s %s: the client sent nothing for %g s; closed", client_name(scope),
+                     scope["method"], scope["path"], self.limits.client_timeout)  # fmt: skip
+            detail = f"the request body stalled for {self.limits.client_timeout:g} s; send it without pausing"
+            await self.refuse(scope, receive, send, 408, detail)
+        except ClientDisconnect:
+            log.info("%s: %s %s: the client went away before sending its whole request",
+                     client_name(scope), scope["method"], scope["path"])  # fmt: skip
 
-    async def too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        detail = f"request body larger than {self.max_bytes} bytes; send fewer or smaller images"
-        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+    def too_large_message(self) -> str:
+        return f"request body larger than {self.limits.max_body_bytes} bytes; send fewer or smaller images"
+
+    @staticmethod
+    async def refuse(scope: Scope, receive: Receive, send: Send, status: int, detail: str) -> None:
+        response = JSONResponse({"detail": detail}, status_code=status)
+        await response(scope, receive, send)
+
+
+def authorized(headers: dict[bytes, bytes], api_key: bytes) -> bool:
+    """Whether the request carries the API key (as a bearer token or X-API-Key), compared in constant time."""
+    bearer = headers.get(b"authorization", b"")
+    offered = bearer[7:] if bearer[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+    return hmac.compare_digest(offered.strip(), api_key)
+
+
+def client_name(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "a client"
 
 
 class Batcher:
-    """Predicts the images of all requests waiting for the model in one `predict_images` call.
+    """Classifies the prepared images of all requests waiting for the network in one `classify` call.
 
     While one batch runs (in a worker thread, so the server keeps accepting
     requests), new requests queue up; when it finishes, all of them form the next batch.
@@ -140,12 +233,13 @@ class Batcher:
 
     def __init__(self, recognizer: Recognizer) -> None:
         self.recognizer = recognizer
-        self.queue: asyncio.Queue[tuple[list[Any], asyncio.Future[list[Any]]]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[list[ImagePrediction], asyncio.Future[None]]] = asyncio.Queue()
 
-    async def predict(self, sources: list[Any]) -> list[Any]:
+    async def predict(self, prepared: list[ImagePrediction]) -> None:
+        """Fill in the digits of one request's prepared images (in place) once the network is free."""
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((sources, future))
-        return await future
+        await self.queue.put((prepared, future))
+        await future
 
     async def run(self) -> None:
         while True:
@@ -154,10 +248,10 @@ class Batcher:
                 jobs.append(self.queue.get_nowait())
             await self.predict_together(jobs)
 
-    async def predict_together(self, jobs: list[tuple[list[Any], asyncio.Future[list[Any]]]]) -> None:
-        sources = [source for job_sources, _ in jobs for source in job_sources]
+    async def predict_together(self, jobs: list[tuple[list[ImagePrediction], asyncio.Future[None]]]) -> None:
+        prepared = [result for job_results, _ in jobs for result in job_results]
         try:
-            results = await run_in_threadpool(predict_images, sources, model=self.recognizer, top_k=TOP_K)
+            await run_in_threadpool(classify, self.recognizer, prepared, TOP_K)
         except Exception as error:
             if len(jobs) > 1:  # one request's picture must not fail the others: retry each alone
                 for job in jobs:
@@ -165,35 +259,44 @@ class Batcher:
             elif not jobs[0][1].done():
                 jobs[0][1].set_exception(error)
             return
-        start = 0
-        for job_sources, future in jobs:
+        for _, future in jobs:
             if not future.done():  # a request whose client went away is cancelled
-                future.set_result(results[start : start + len(job_sources)])
-            start += len(job_sources)
+                future.set_result(None)
 
 
 def create_app(
     model_path: str | os.PathLike | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_images: int = MAX_IMAGES,
+    limits: Limits | None = None,
+    api_key: str | None = None,
+    trusted_hosts: list[str] | None = None,
 ) -> FastAPI:
     """The digitlab web service around one model (None: the bundled one), loaded now.
 
-    Raises DigitlabError when the model cannot be loaded, so a server never
-    starts without one.
+    `limits` (default: `max_body_bytes`, `max_images` and the module's other
+    limits) bound each request; with `api_key`, /v1/ routes need it;
+    `trusted_hosts` (None: any) are the Host names accepted. Raises
+    DigitlabError when the model cannot be loaded, so a server never starts without one.
     """
+    limits = limits or Limits(max_body_bytes=max_body_bytes, max_images=max_images)
     recognizer = load_recognizer(model_path)
     model_name = Path(model_path).name if model_path is not None else bundled_model_path().name
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The network reads small batches: threads of one operator only wait for each other (tens of
+        # ms on a busy machine); cores are used by the preprocessing pool and by --workers instead.
+        torch.set_num_threads(1)
         await run_in_threadpool(recognizer.predict, np.zeros((1, 28, 28), dtype=np.uint8))  # warm up
         batcher = Batcher(recognizer)
         task = asyncio.create_task(batcher.run())
-        app.state.batcher = batcher
+        pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="digitlab-preprocess")
+        app.state.pool, app.state.batcher = pool, batcher
         yield
         app.state.batcher = None
         task.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="digitlab",
@@ -202,7 +305,9 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.batcher = None
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(RequestGuard, limits=limits, api_key=api_key)
+    if trusted_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -229,15 +334,18 @@ def create_app(
         summary="Predict the digit in each image",
         description="Send image files as multipart/form-data (field `files`, one or more PNG, JPEG, "
         'BMP, GIF, TIFF or WebP files), or JSON `{"images": [[[row of 0-255 values], ...], ...]}` '
-        f"with greyscale pixel arrays of any size. At most {max_images} images and "
-        f"{max_body_bytes} bytes per request. Images are preprocessed as MNIST digits "
+        f"with greyscale pixel arrays of any size. At most {limits.max_images} images, "
+        f"{limits.max_body_bytes} bytes, {MAX_PIXELS:,} pixels per image and "
+        f"{limits.max_request_pixels:,} per request. Images are preprocessed as MNIST digits "
         "(polarity, crop, 20-pixel box, centre of mass) exactly as by `digitlab predict`.",
         openapi_extra={"requestBody": PREDICT_REQUEST_BODY},
         responses={
-            413: {"description": "body too large or too many images"},
+            401: {"description": "the server needs an API key and the request has none or a wrong one"},
+            408: {"description": "the client paused sending its body for too long"},
+            413: {"description": "body too large, too many images or pixels, or over the time budget"},
             415: {"description": "neither multipart/form-data nor JSON"},
             422: {"description": "not an image, or malformed JSON"},
-            503: {"description": "the server is starting or stopping"},
+            503: {"description": "the server is starting, stopping or at its connection limit"},
         },
     )
     async def predict_endpoint(
@@ -248,52 +356,115 @@ def create_app(
         if batcher is None:
             raise HTTPException(503, "the model is not ready yet; retry in a moment")
         content_type = request.headers.get("content-type", "")
+        deadline = time.monotonic() + limits.time_budget
         if content_type.startswith("multipart/form-data"):
-            names, sources = await uploaded_images(request, max_images)
+            names, uploads = await uploaded_files(request, limits.max_images)
+            prepared = await in_pool(app, prepare_uploads, names, uploads, limits, deadline)
         elif content_type.startswith("application/json"):
-            body = pixel_images(await request.body())
-            return_image = return_image or body.return_image
-            names, sources = pixel_arrays(body.images, max_images)
+            body = await request.body()
+            asked, prepared = await in_pool(app, prepare_pixel_arrays, body, limits, deadline)
+            return_image = return_image or asked
         else:
             raise HTTPException(
                 415, 'send images as multipart/form-data (field "files") or as JSON {"images": [...]}'
             )
-        results = await batcher.predict(sources)
-        return PredictResponse(
-            predictions=[image_result(name, result, return_image) for name, result in zip(names, results)]
-        )
+        await batcher.predict(prepared)
+        return PredictResponse(predictions=[image_result(result, return_image) for result in prepared])
 
     return app
 
 
+async def in_pool(app: FastAPI, function: Callable[..., T], *args: Any) -> T:
+    """Run `function(*args)` in the app's preprocessing pool, off the event loop and the batcher."""
+    return await asyncio.get_running_loop().run_in_executor(app.state.pool, function, *args)
+
+
 def create_app_from_environment() -> FastAPI:
-    """The app factory uvicorn's worker processes call: the model path is in the environment."""
-    return create_app(os.environ.get(MODEL_ENVIRONMENT_VARIABLE) or None)
+    """The app factory uvicorn's worker processes call: the model and settings are in the environment."""
+    settings = json.loads(os.environ[SETTINGS_ENVIRONMENT_VARIABLE])
+    return create_app(
+        settings["model"],
+        limits=Limits(**settings["limits"]),
+        api_key=settings["api_key"],
+        trusted_hosts=settings["trusted_hosts"],
+    )
 
 
 # Requests in, results out -----------------------------------------------------------
 
 
-async def uploaded_images(request: Request, max_images: int) -> tuple[list[str], list[Image.Image]]:
-    """The uploaded files of a multipart request, decoded (422 for anything that is not an image)."""
+async def uploaded_files(request: Request, max_images: int) -> tuple[list[str], list[bytes]]:
+    """The names and contents of a multipart request's uploaded files (413/422 when too many or not files)."""
     form = await request.form()
     uploads = form.getlist("files")
     if not uploads:
         raise HTTPException(422, 'no images: send one or more files in the multipart field "files"')
     if len(uploads) > max_images:
         raise HTTPException(413, f"{len(uploads)} images in one request; send at most {max_images}")
-    names, images = [], []
+    names, contents = [], []
     for index, upload in enumerate(uploads):
         if not isinstance(upload, UploadFile):
             raise HTTPException(422, f'files[{index}] is a text field; send image files in "files"')
-        name = upload.filename or f"files[{index}]"
-        data = await upload.read()
-        try:
-            images.append(await run_in_threadpool(load_image, data))
-        except DigitlabError as error:
-            raise HTTPException(422, f"{name}: {error}") from None
-        names.append(name)
-    return names, images
+        names.append(upload.filename or f"files[{index}]")
+        contents.append(await upload.read())
+    await form.close()
+    return names, contents
+
+
+def prepare_uploads(names: list[str], uploads: list[bytes], limits: Limits, deadline: float) -> list[ImagePrediction]:
+    """Decode and preprocess uploaded files one at a time (422 for a file that is not an image).
+
+    Before any is decoded, each file's declared size is checked (422 beyond the
+    per-image cap) and their sum (413 beyond the per-request cap); the time
+    budget is checked before each image.
+    """
+    sizes = [declared_pixels(data) for data in uploads]
+    for name, data, pixels in zip(names, uploads, sizes):
+        if pixels > MAX_PIXELS:
+            decode(name, data)  # refused from its header, before any other file is decoded
+    if sum(sizes) > limits.max_request_pixels:
+        raise HTTPException(
+            413, f"the {len(uploads)} images hold {sum(sizes):,} pixels together, over the limit of "
+            f"{limits.max_request_pixels:,} per request; send fewer or smaller images"
+        )  # fmt: skip
+    prepared = []
+    for index, (name, data) in enumerate(zip(names, uploads)):
+        check_time_budget(deadline, limits, index)
+        prepared.append(named(prepare_image(decode(name, data)), name))
+    return prepared
+
+
+def decode(name: str, data: bytes) -> Image.Image:
+    """`load_image`, or 422 naming the file and the problem."""
+    try:
+        return load_image(data)
+    except DigitlabError as error:
+        raise HTTPException(422, f"{name}: {error}") from None
+
+
+def prepare_pixel_arrays(body: bytes, limits: Limits, deadline: float) -> tuple[bool, list[ImagePrediction]]:
+    """Parse a JSON body and preprocess its pixel arrays: (whether images were asked for, the results)."""
+    request = pixel_images(body)
+    names, arrays = pixel_arrays(request.images, limits.max_images)
+    prepared = []
+    for index, (name, array) in enumerate(zip(names, arrays)):
+        check_time_budget(deadline, limits, index)
+        prepared.append(named(prepare_image(array), name))
+    return request.return_image, prepared
+
+
+def check_time_budget(deadline: float, limits: Limits, done: int) -> None:
+    """413 when a request's images have used up its time budget."""
+    if time.monotonic() > deadline:
+        raise HTTPException(
+            413, f"preparing this request's images took over {limits.time_budget:g} s ({done} done); "
+            "send fewer or smaller images"
+        )  # fmt: skip
+
+
+def named(result: ImagePrediction, name: str) -> ImagePrediction:
+    result.source = name
+    return result
 
 
 def pixel_images(body: bytes) -> PixelImages:
@@ -327,11 +498,11 @@ def pixel_arrays(images: list[list[list[float]]], max_images: int) -> tuple[list
     return names, arrays
 
 
-def image_result(name: str, result: Any, return_image: bool) -> ImageResult:
-    """One prediction of `predict_images` as the API reports it."""
+def image_result(result: ImagePrediction, return_image: bool) -> ImageResult:
+    """One prediction as the API reports it."""
     failed = result.error is not None
     return ImageResult(
-        source=name,
+        source=result.source,
         digit=None if failed else int(result.digit),
         probability=None if failed else float(result.probability),
         probabilities=None if failed else [float(p) for p in result.probabilities],
@@ -351,8 +522,8 @@ def png_base64(image: np.ndarray) -> str:
 
 
 def public_card(card: dict[str, Any]) -> dict[str, Any]:
-    """The model card without the per-step training history (bulky); per-epoch figures stay."""
-    card = json.loads(json.dumps(card))
+    """The model card without local paths, host details or the per-step training history (bulky)."""
+    card = json.loads(json.dumps({key: value for key, value in card.items() if key in CARD_FIELDS}))
     history = card.get("history")
     if isinstance(history, dict):
         history.pop("steps", None)
@@ -362,32 +533,108 @@ def public_card(card: dict[str, Any]) -> dict[str, Any]:
 # Running it --------------------------------------------------------------------------
 
 
+class H11WithHeaderTimeout(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, also closing a connection whose request headers are not all in
+    within the keep-alive timeout of it opening or of the previous response (however slowly they trickle)."""
+
+    header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.start_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.start_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+        super().connection_lost(exc)
+
+    def start_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+        self.header_timer = self.loop.call_later(self.timeout_keep_alive, self.headers_overdue)
+
+    def headers_overdue(self) -> None:
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or address to listen on) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_trusted_hosts(host: str) -> list[str]:
+    """The Host names accepted when none are given: the loopback names and `host`; any for a wildcard or IPv6."""
+    if host in ("0.0.0.0", "") or ":" in host:  # Starlette cannot check IPv6 Host headers
+        return ["*"]
+    return list(dict.fromkeys([*LOOPBACK_NAMES, host]))
+
+
 def serve(
     model: str | os.PathLike | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     workers: int = 1,
+    api_key: str | None = None,
+    open_access: bool = False,
+    trusted_hosts: list[str] | None = None,
+    limits: Limits | None = None,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> None:
     """Serve the API and the page with uvicorn until SIGINT or SIGTERM, then return.
 
-    The model is loaded (and so checked) before anything listens; each worker
-    process loads its own copy.
+    Listening beyond loopback needs `api_key` (None: the DIGITLAB_API_KEY
+    environment variable) or `open_access`. `trusted_hosts` (default: the
+    loopback names and `host`; any for a wildcard host) are the Host header
+    values accepted. The model is loaded (and so checked) before anything
+    listens; each worker process loads its own copy.
     """
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
     if workers < 1:
         raise DigitlabError(f"--workers must be at least 1, got {workers}")
+    if max_connections < 1:
+        raise DigitlabError(f"--max-connections must be at least 1, got {max_connections}")
+    limits = limits or Limits()
+    if min(limits.time_budget, limits.client_timeout) <= 0:
+        raise DigitlabError("--time-budget and --client-timeout must be positive numbers of seconds")
+    api_key = api_key or os.environ.get(API_KEY_ENVIRONMENT_VARIABLE) or None
+    if not is_loopback(host) and api_key is None and not open_access:
+        raise DigitlabError(
+            f"--host {host} makes the service reachable from other machines: pass --api-key KEY "
+            f"(or set {API_KEY_ENVIRONMENT_VARIABLE}), or --open to serve without authentication deliberately"
+        )
+    trusted_hosts = trusted_hosts or default_trusted_hosts(host)
+    settings = {"model": str(model) if model is not None else None, "limits": asdict(limits),
+                "api_key": api_key, "trusted_hosts": trusted_hosts}  # fmt: skip
+    options = {
+        "log_level": "info",
+        "http": H11WithHeaderTimeout,
+        "timeout_keep_alive": limits.client_timeout,
+        "timeout_graceful_shutdown": SHUTDOWN_TIMEOUT,
+        "limit_concurrency": max_connections,
+    }
     if workers == 1:
-        config = uvicorn.Config(create_app(model), log_level="info")
+        app = create_app(model, limits=limits, api_key=api_key, trusted_hosts=trusted_hosts)
+        config = uvicorn.Config(app, **options)
     else:
         load_recognizer(model)  # fail here, with a clear message, rather than in every worker
-        os.environ[MODEL_ENVIRONMENT_VARIABLE] = str(model or "")
-        config = uvicorn.Config(
-            f"{__name__}:create_app_from_environment", factory=True, workers=workers, log_level="info"
-        )
+        os.environ[SETTINGS_ENVIRONMENT_VARIABLE] = json.dumps(settings)
+        config = uvicorn.Config(f"{__name__}:create_app_from_environment", factory=True, workers=workers, **options)
     listener = listen(host, port)
-    print(f"digitlab: serving http://{host}:{listener.getsockname()[1]} with {workers} worker(s)", flush=True)
+    access = "with an API key" if api_key else "open to anyone who can reach it" if not is_loopback(host) else ""
+    print(f"digitlab: serving http://{host}:{listener.getsockname()[1]} with {workers} worker(s)"
+          f"{', ' + access if access else ''}", flush=True)  # fmt: skip
     with listener, signals_end_quietly():
         if workers == 1:
             uvicorn.Server(config).run(sockets=[listener])
