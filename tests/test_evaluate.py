@@ -23,7 +23,8 @@ def test_bundled_model_scores_what_its_card_says(mnist, bundled_model_path):
     model, card = load_model(bundled_model_path)
     evaluation = evaluate(model, x_test, y_test)
     assert evaluation.count == 10_000
-    assert evaluation.accuracy == card["test"]["accuracy"]
+    # The card was measured in bf16 on another CPU: fp32 or another CPU may read up to 3 images otherwise.
+    assert abs(evaluation.accuracy - card["test"]["accuracy"]) <= 3 / 10_000
     assert evaluation.accuracy >= 0.99
     assert card["config"]["recipe"] == "best" and "--recipe best" in card["command"]
     assert card["data_sha256"]["x_test"] and card["training_seconds"] > 0
