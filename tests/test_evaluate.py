@@ -30,6 +30,15 @@ def test_bundled_model_scores_what_its_card_says(mnist, bundled_model_path):
     assert card["data_sha256"]["x_test"] and card["training_seconds"] > 0
 
 
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])  # bf16: emulated on AVX2
+def test_bundled_model_scores_its_card_in_fp32_and_bf16(mnist, bundled_model_path, precision):
+    _, (x_test, y_test) = mnist
+    model, card = load_model(bundled_model_path)
+    logits = batched_logits(model, as_model_input(x_test), precision=precision, device="cpu")
+    accuracy = float((logits.argmax(1).numpy() == y_test).mean())
+    assert abs(accuracy - card["test"]["accuracy"]) <= 3 / 10_000
+
+
 def test_evaluate_command_prints_loss_accuracy_and_classes(bundled_model_path, capsys):
     assert main(["evaluate", str(bundled_model_path), "--data-dir", str(mnist_dir()), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
