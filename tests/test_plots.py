@@ -29,11 +29,12 @@ def small(small_model_path, mnist):
     return recognizer, images, labels, recognizer.predict(images)
 
 
-def with_mistakes(prediction: Prediction, labels: np.ndarray, wrong: list[int]) -> Prediction:
-    """The model's logits and probabilities, with labels right everywhere except at ``wrong``."""
-    predicted = labels.copy()
-    predicted[wrong] = (labels[wrong] + 1) % 10
-    return Prediction(prediction.logits, prediction.probabilities, predicted)
+def with_mistakes(labels: np.ndarray, wrong: list[int]) -> Prediction:
+    """A prediction right everywhere except at ``wrong``, each image with its own confidence."""
+    predicted = labels.astype(np.int64)
+    predicted[wrong] = (predicted[wrong] + 1) % 10
+    confidence = np.linspace(1.0, 6.0, len(labels), dtype=np.float32)[np.random.default_rng(0).permutation(len(labels))]
+    return Prediction.from_logits(np.eye(10, dtype=np.float32)[predicted] * confidence[:, None])
 
 
 def rendered(figure, dpi: float = 60) -> Image.Image:
@@ -87,12 +88,9 @@ def test_grid_uses_class_names(mnist):
 
 
 def test_predictions_mark_the_wrong_ones_in_red_with_the_true_label(small):
-    _, images, labels, prediction = small
+    _, images, labels, _ = small
     count = 25
-    chosen = with_mistakes(
-        Prediction(prediction.logits[:count], prediction.probabilities[:count], prediction.labels[:count]),
-        labels[:count], [1, 7, 12],
-    )  # fmt: skip
+    chosen = with_mistakes(labels[:count], [1, 7, 12])
     figure = plots.plot_predictions(images[:count], chosen, labels[:count])
     rendered(figure)
     panels = image_axes(figure)
@@ -152,8 +150,8 @@ def test_normalized_confusion_rows_are_percentages(small):
 
 
 def test_mistakes_are_the_most_confident_wrong_predictions(small):
-    _, images, labels, prediction = small
-    prediction = with_mistakes(prediction, labels, [0, 3, 5, 9])
+    _, images, labels, _ = small
+    prediction = with_mistakes(labels, [0, 3, 5, 9])
     wrong_total = 4
     indices = plots.most_confident_mistakes(prediction, labels, count=wrong_total + 10)
     assert len(indices) == wrong_total
