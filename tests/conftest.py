@@ -1,7 +1,12 @@
-"""Shared fixtures: the genuine MNIST (never downloaded in tests) and small trained models."""
+"""Shared fixtures: the genuine MNIST (never downloaded in tests) and small trained models.
+
+Tests that need a Debian package (``@pytest.mark.system_package("chromium")``) skip with a
+reason naming it when it is missing; with ``DIGITLAB_REQUIRE_ALL=1`` (set by CI) they fail instead.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -11,9 +16,31 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+REQUIRE_ALL_ENV = "DIGITLAB_REQUIRE_ALL"
+SYSTEM_PACKAGES = {  # Debian package -> the path the tests use from it
+    "chromium": Path("/usr/bin/chromium"),
+    "dataset-fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
+}
+
+
+@functools.cache
 def mnist_dir() -> Path:
-    """The genuine MNIST files: $DIGITLAB_DATA_DIR, else ../shared/data/mnist beside the repo."""
-    return Path(os.environ.get("DIGITLAB_DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "mnist"))
+    """The genuine MNIST, where `digitlab train` finds it: $DIGITLAB_DATA_DIR, else the cache, else
+    /usr/share/datasets/mnist. Never downloads (scripts/test.sh does that first)."""
+    from digitlab.data import locate_dataset
+
+    return locate_dataset(download=False, progress=False)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip (or, under DIGITLAB_REQUIRE_ALL=1, fail) a test whose system package is missing."""
+    for marker in item.iter_markers("system_package"):
+        package = marker.args[0]
+        if not SYSTEM_PACKAGES[package].exists():
+            reason = f"needs the Debian package {package} ({SYSTEM_PACKAGES[package]} is missing)"
+            if os.environ.get(REQUIRE_ALL_ENV) == "1":
+                pytest.fail(f"{reason}; {REQUIRE_ALL_ENV}=1 forbids skipping it", pytrace=False)
+            pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

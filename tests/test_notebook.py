@@ -10,7 +10,7 @@ from conftest import REPO_ROOT, mnist_dir
 from nbclient import NotebookClient
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "lab.ipynb"
-ACCURACY_FLOOR = 0.92
+ACCURACY_FLOOR = 0.85  # one epoch: seeds give 86-97% test accuracy (README, Results); chance is 10%
 
 
 def text_output(cell: nbformat.NotebookNode) -> str:

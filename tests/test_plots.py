@@ -29,6 +29,14 @@ def small(small_model_path, mnist):
     return recognizer, images, labels, recognizer.predict(images)
 
 
+def with_mistakes(labels: np.ndarray, wrong: list[int]) -> Prediction:
+    """A prediction right everywhere except at ``wrong``, each image with its own confidence."""
+    predicted = labels.astype(np.int64)
+    predicted[wrong] = (predicted[wrong] + 1) % 10
+    confidence = np.linspace(1.0, 6.0, len(labels), dtype=np.float32)[np.random.default_rng(0).permutation(len(labels))]
+    return Prediction.from_logits(np.eye(10, dtype=np.float32)[predicted] * confidence[:, None])
+
+
 def rendered(figure, dpi: float = 60) -> Image.Image:
     """The figure as a decoded PNG, checked to have the figure's size at `dpi` and to show something."""
     image = Image.open(io.BytesIO(plots.figure_png(figure, dpi)))
@@ -80,15 +88,15 @@ def test_grid_uses_class_names(mnist):
 
 
 def test_predictions_mark_the_wrong_ones_in_red_with_the_true_label(small):
-    _, images, labels, prediction = small
+    _, images, labels, _ = small
     count = 25
-    chosen = Prediction(prediction.logits[:count], prediction.probabilities[:count], prediction.labels[:count])
+    chosen = with_mistakes(labels[:count], [1, 7, 12])
     figure = plots.plot_predictions(images[:count], chosen, labels[:count])
     rendered(figure)
     panels = image_axes(figure)
     assert len(panels) == count
     wrong = np.flatnonzero(chosen.labels != labels[:count])
-    assert len(wrong) > 0, "the small model should get some of these wrong"
+    assert wrong.tolist() == [1, 7, 12]
     red = [i for i, ax in enumerate(panels) if ax.xaxis.label.get_color() == plots.WRONG_COLOR]
     assert red == wrong.tolist()
     for i, ax in enumerate(panels):
@@ -142,9 +150,9 @@ def test_normalized_confusion_rows_are_percentages(small):
 
 
 def test_mistakes_are_the_most_confident_wrong_predictions(small):
-    _, images, labels, prediction = small
-    wrong_total = int((prediction.labels != labels).sum())
-    assert wrong_total >= 3, "the small model should make some mistakes on these images"
+    _, images, labels, _ = small
+    prediction = with_mistakes(labels, [0, 3, 5, 9])
+    wrong_total = 4
     indices = plots.most_confident_mistakes(prediction, labels, count=wrong_total + 10)
     assert len(indices) == wrong_total
     assert np.all(prediction.labels[indices] != labels[indices])

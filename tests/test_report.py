@@ -173,6 +173,7 @@ def test_report_command_bad_input(tmp_path, capsys, mnist, small_model_path, mon
 
 
 @pytest.mark.slow
+@pytest.mark.system_package("chromium")
 def test_report_renders_in_chromium_without_errors(tmp_path, page):
     from playwright.sync_api import sync_playwright
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from serve_helpers import draw, launch_chromium, running_server, wait_for_prediction
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system_package("chromium")]
 
 
 def bar_heights(page) -> list[float]:

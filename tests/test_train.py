@@ -60,7 +60,8 @@ def test_lab_recipe_one_full_epoch_learns_mnist(tmp_path, capsys):
 
 def test_same_seed_gives_identical_weights_and_metrics(mnist):
     (x, y), _ = mnist
-    config = dict(epochs=1, batch_size=50, seed=7, augment=True, momentum=0.9, schedule="onecycle")
+    # CPU: CUDA's convolution backward is not deterministic.
+    config = dict(epochs=1, batch_size=50, seed=7, augment=True, momentum=0.9, schedule="onecycle", device="cpu")
     models, histories = [], []
     for _ in range(2):
         model = build_model(seed=7)
@@ -277,7 +278,7 @@ def test_early_stopping_needs_a_validation_split(mnist):
 def _train_command(run_dir: Path) -> list[str]:
     return [
         sys.executable, "-m", "digitlab", "train", "--limit", "2400", "--epochs", "2", "--seed", "5",
-        "--momentum", "0.9", "--augment", "--checkpoint-every", "10", "--threads", "1",
+        "--momentum", "0.9", "--augment", "--checkpoint-every", "10", "--threads", "1", "--device", "cpu",
         "--data-dir", str(mnist_dir()), "--run-dir", str(run_dir), "-q",
     ]  # fmt: skip
 
@@ -290,18 +291,22 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
     )
     assert reference.returncode == 0, reference.stderr
 
-    run_dir = tmp_path / "killed"
-    process = subprocess.Popen(
-        _train_command(run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # kill mid-way through the second epoch's checkpoints
-        if any(int(p.stem.split("-")[1]) >= 90 for p in (run_dir / "checkpoints").glob("step-*.safetensors")):
+    for attempt in range(3):  # a fast machine can finish before the kill lands: then try again
+        run_dir = tmp_path / f"killed-{attempt}"
+        process = subprocess.Popen(
+            _train_command(run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:  # kill early in the second epoch
+            if any(int(p.stem.split("-")[1]) >= 80 for p in (run_dir / "checkpoints").glob("step-*.safetensors")):
+                break
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        if not (run_dir / "model.safetensors").exists():
             break
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (run_dir / "model.safetensors").exists(), "killed too late: the run had finished"
+    else:
+        pytest.fail("the run finished before the kill in all 3 attempts")
 
     resumed = subprocess.run(
         [sys.executable, "-m", "digitlab", "train", "--resume", str(run_dir), "--threads", "1", "--data-dir", str(mnist_dir()), "-q"],

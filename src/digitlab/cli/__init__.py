@@ -13,6 +13,7 @@ import importlib
 import pkgutil
 import sys
 
+from digitlab import __version__
 from digitlab.errors import DigitlabError
 
 
@@ -21,15 +22,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="digitlab",
         description="Train, evaluate, explain, serve and export a handwritten-digit CNN.",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--version", action="version", version=f"digitlab {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         importlib.import_module(f"{__name__}.{module_info.name}").register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the process exit status."""
-    args = build_parser().parse_args(argv)
+    """Run the command line; return the process exit status (0 and the help when no command is given)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
         status = args.handler(args)
     except DigitlabError as error:
