@@ -32,7 +32,7 @@ from digitlab.errors import DigitlabError
 from digitlab.evaluate import EVAL_BATCH_SIZE, batched_logits
 from digitlab.model import IMAGE_SIZE, NUM_CLASSES, as_model_input
 from digitlab.predict import Recognizer
-from digitlab.serialization import atomic_path, load_model, unwrap
+from digitlab.serialization import atomic_path, load_model, parse_card, unwrap
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 PARITY_TOLERANCE = 1e-4
@@ -261,10 +261,7 @@ def load_onnx_recognizer(path: str | os.PathLike) -> OnnxRecognizer:
         ) from None
     _check_signature(session, path)
     metadata = dict(session.get_modelmeta().custom_metadata_map)
-    try:
-        card = json.loads(metadata.pop(CARD_KEY, "{}"))
-    except json.JSONDecodeError:
-        raise DigitlabError(f"{path} has an unreadable model card in its metadata; export it again") from None
+    card = parse_card(metadata.pop(CARD_KEY, "{}"), path)
     preprocessing = {key: metadata[key] for key in PREPROCESSING if key in metadata}
     return OnnxRecognizer(session, card, preprocessing)
 
