@@ -162,12 +162,9 @@ def run_training(
     if problem:
         raise DigitlabError(problem)
 
-    (x_train, y_train), (x_test, y_test) = load_mnist(data_dir, dataset=dataset, progress=progress and main)
-    checksums = array_checksums({"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test})
-    if limit is not None:
-        x_train, y_train = x_train[:limit], y_train[:limit]
-    (x_fit, y_fit), validation = split_validation(x_train, y_train, val_split)
-
+    (x_fit, y_fit), validation, (x_test, y_test), checksums = _load_data(
+        data_dir, dataset, limit, val_split, progress=progress and main
+    )
     settings = {"train": asdict(config), "dataset": dataset, "val_split": val_split, "limit": limit}
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +182,6 @@ def run_training(
         resume=resume, progress=progress, setup=setup,
     )  # fmt: skip
     wall = time.perf_counter() - started
-    training_seconds = sum(epoch["seconds"] for epoch in history.epochs)
 
     test = evaluate_sharded(
         model, x_test, y_test, ranks=setup.ranks, precision=setup.precision, device=setup.device
@@ -194,7 +190,40 @@ def run_training(
         print(f"Elapsed time: {wall:.2f}s")
         print(f"Test loss: {test.loss:.4f} - test accuracy: {test.accuracy:.4f}")
 
-    card = {
+    card = _model_card(model, run_dir, settings, checksums, history, test, command)
+    model_path = Path(output) if output is not None else run_dir / "model.safetensors"
+    if main:
+        write_json_atomic(run_dir / "metrics.json", history.to_dict())
+        write_text_atomic(run_dir / "metrics.csv", _epochs_csv(history))
+        save_model(model, model_path, card)
+        print(f"Saved model to {model_path}")
+    return RunResult(run_dir=run_dir, model_path=model_path, history=history, test=test, card=card)
+
+
+def _load_data(
+    data_dir: str | os.PathLike | None, dataset: str, limit: int | None, val_split: float, *, progress: bool
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None, tuple[np.ndarray, np.ndarray],
+           dict[str, str]]:  # fmt: skip
+    """The training images (the first `limit`) less the validation split, the validation and test sets, checksums."""
+    (x_train, y_train), (x_test, y_test) = load_mnist(data_dir, dataset=dataset, progress=progress)
+    checksums = array_checksums({"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test})
+    if limit is not None:
+        x_train, y_train = x_train[:limit], y_train[:limit]
+    fit, validation = split_validation(x_train, y_train, val_split)
+    return fit, validation, (x_test, y_test), checksums
+
+
+def _model_card(
+    model: torch.nn.Module,
+    run_dir: Path,
+    settings: dict[str, Any],
+    checksums: dict[str, str],
+    history: History,
+    test: Evaluation,
+    command: str | None,
+) -> dict[str, Any]:
+    """What the saved model says about itself: architecture, settings, data, history, test result, where."""
+    return {
         "name": run_dir.name,
         "architecture": "digitlab lab CNN: 4 × (Conv2D 3×3 valid + BatchNorm + ReLU) with 16/32/64/128 filters, "
         "global average pooling, Dense(10) logits",
@@ -205,25 +234,18 @@ def run_training(
             "dtype": "float32",
             "scale": "pixel / 255, white digit on black",
         },
-        "config": asdict(config),
-        "dataset": dataset,
-        "val_split": val_split,
-        "limit": limit,
+        "config": settings["train"],
+        "dataset": settings["dataset"],
+        "val_split": settings["val_split"],
+        "limit": settings["limit"],
         "data_sha256": checksums,
         "history": history.to_dict(),
-        "training_seconds": training_seconds,
+        "training_seconds": sum(epoch["seconds"] for epoch in history.epochs),
         "test": test.to_dict(),
         "command": command or shlex.join(["digitlab", *sys.argv[1:]]),
         "environment": environment(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    model_path = Path(output) if output is not None else run_dir / "model.safetensors"
-    if main:
-        write_json_atomic(run_dir / "metrics.json", history.to_dict())
-        write_text_atomic(run_dir / "metrics.csv", _epochs_csv(history))
-        save_model(model, model_path, card)
-        print(f"Saved model to {model_path}")
-    return RunResult(run_dir=run_dir, model_path=model_path, history=history, test=test, card=card)
 
 
 def resume_training(
