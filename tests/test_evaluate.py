@@ -12,7 +12,8 @@ from torch import nn
 
 from digitlab.cli import main
 from digitlab.errors import DigitlabError
-from digitlab.evaluate import Evaluation, batched_logits, evaluate, inference_network
+from digitlab.evaluate import Evaluation, evaluate
+from digitlab.inference import batched_logits, inference_network
 from digitlab.model import as_model_input, build_model
 from digitlab.predict import load_recognizer, predict
 from digitlab.serialization import load_model, save_model

@@ -13,7 +13,7 @@ from conftest import mnist_dir
 
 from digitlab.cli import main
 from digitlab.errors import DigitlabError
-from digitlab.evaluate import batched_logits, evaluate
+from digitlab.evaluate import evaluate
 from digitlab.export import (
     PARITY_TOLERANCE,
     OnnxRecognizer,
@@ -21,6 +21,7 @@ from digitlab.export import (
     export_model,
     load_onnx_recognizer,
 )
+from digitlab.inference import batched_logits
 from digitlab.model import as_model_input, build_model
 from digitlab.predict import Recognizer, load_recognizer
 from digitlab.serialization import load_model

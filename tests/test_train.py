@@ -89,7 +89,7 @@ def test_clean_epochs_end_an_augmented_run_on_unaltered_images(mnist):
     assert augmented[1]["loss"] != clean_finish[1]["loss"]
     never_augmented, _ = run(augment=True, clean_epochs=2)
     assert same_weights(never_augmented, run(augment=False)[0])
-    with pytest.raises(DigitlabError, match="clean epochs"):
+    with pytest.raises(DigitlabError, match="clean-epochs"):
         TrainConfig(clean_epochs=-1).validate()
 
 

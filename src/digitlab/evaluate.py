@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,11 +11,8 @@ from torch import nn
 
 from digitlab import devices
 from digitlab.errors import DigitlabError
-from digitlab.model import NUM_CLASSES, as_model_input, fold_batchnorm
-
-# Inference batch. The whole test set through the folded bf16 network on a 2-core AVX-512/AMX
-# CPU: 15,800 images/s in batches of 64, 16,100 in 128, 7,300 in 256 (the activations leave the cache).
-EVAL_BATCH_SIZE = 64
+from digitlab.inference import DigitRecognizer, batched_logits
+from digitlab.model import NUM_CLASSES, as_model_input
 
 
 @dataclass
@@ -59,53 +54,6 @@ class Evaluation:
         }
 
 
-class InferenceNetwork(nn.Sequential):
-    """A network prepared for inference only: see `inference_network`."""
-
-
-def inference_network(
-    model: nn.Module, precision: str = "auto", device: torch.device | str = "cpu"
-) -> InferenceNetwork:
-    """An eval-mode copy of `model` as inference runs it, leaving `model` untouched.
-
-    BatchNorm is folded into the convolutions (`fold_batchnorm`), and the
-    weights are cast once to the precision's dtype (bf16 where the CPU runs it
-    natively) and laid out channels-last: on a 2-core AVX-512/AMX CPU this
-    runs about twice as fast as the unfolded network under autocast.
-    """
-    device = torch.device(device)
-    dtype = devices.DTYPES[devices.resolve_precision(precision, device)]
-    if isinstance(model, nn.Sequential):
-        layers = list(fold_batchnorm(model).named_children())
-    else:
-        layers = [("model", copy.deepcopy(model))]
-    network = InferenceNetwork(OrderedDict(layers))
-    return network.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
-
-
-@torch.inference_mode()
-def batched_logits(
-    model: nn.Module,
-    images: torch.Tensor,
-    *,
-    precision: str = "auto",
-    device: torch.device | str = "cpu",
-    batch_size: int = EVAL_BATCH_SIZE,
-) -> torch.Tensor:
-    """Float32 logits for N×1×28×28 inputs, batch by batch, through `inference_network(model)`.
-
-    An `InferenceNetwork` is used as it is (its device and dtype decide).
-    """
-    if not isinstance(model, InferenceNetwork):
-        model = inference_network(model, precision, device)
-    weight = next(model.parameters())
-    outputs = []
-    for start in range(0, images.shape[0], batch_size):
-        batch = images[start : start + batch_size].to(weight.device, weight.dtype)
-        outputs.append(model(batch.contiguous(memory_format=torch.channels_last)).float().cpu())
-    return torch.cat(outputs) if outputs else torch.zeros(0, NUM_CLASSES)
-
-
 def evaluation_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> Evaluation:
     labels = labels.to(torch.long).cpu()
     loss_sum = F.cross_entropy(logits, labels, reduction="sum").item()
@@ -134,11 +82,11 @@ def evaluate_sharded(
     return Evaluation(loss_sum=totals[0].item(), confusion=confusion)
 
 
-def evaluate(model: object, x: np.ndarray, y: np.ndarray) -> Evaluation:
+def evaluate(model: nn.Module | DigitRecognizer, x: np.ndarray, y: np.ndarray) -> Evaluation:
     """Test loss, accuracy and confusion matrix of a model on images (uint8 or [0, 1]) and labels.
 
-    `model` is a network from `build_model`/`load_model`, or a `Recognizer`
-    (which may wrap an exported ONNX model).
+    `model` is a network from `build_model`/`load_model`, or a recogniser
+    (`Recognizer`, or `OnnxRecognizer` for an exported ONNX model).
     """
     labels = torch.as_tensor(np.asarray(y)).to(torch.long)
     if len(labels) != len(x):

@@ -29,29 +29,26 @@ import torch
 from torch import nn
 
 from digitlab.errors import DigitlabError
-from digitlab.evaluate import EVAL_BATCH_SIZE, batched_logits
-from digitlab.model import IMAGE_SIZE, NUM_CLASSES, as_model_input
-from digitlab.predict import Recognizer
+from digitlab.inference import (
+    CARD_KEY,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PREPROCESSING,
+    OnnxRecognizer,
+    Recognizer,
+    batched_logits,
+    in_batches,
+    load_onnx_recognizer,
+)  # fmt: skip
+from digitlab.model import IMAGE_SIZE, as_model_input
 from digitlab.serialization import atomic_path, load_model, unwrap
+
+__all__ = ["ExportReport", "OnnxRecognizer", "export_metadata", "export_model", "load_onnx_recognizer"]
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 1000
 ONNX_OPSET = 17
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
-
-# What a caller must feed the exported network, written into every exported file.
-PREPROCESSING = {
-    "input_name": INPUT_NAME,
-    "input_shape": f"N×1×{IMAGE_SIZE}×{IMAGE_SIZE} (any batch size N)",
-    "input_layout": "NCHW",
-    "input_dtype": "float32",
-    "input_scaling": "pixel / 255, so values lie in [0, 1]",
-    "input_polarity": "white digit on a black background, as in MNIST",
-    "output_name": OUTPUT_NAME,
-    "output": f"N×{NUM_CLASSES} logits for the digits 0-9 (softmax gives probabilities)",
-}
-CARD_KEY = "digitlab_card"
 TORCHSCRIPT_FILES = ("preprocessing.json", "card.json")
 
 
@@ -92,7 +89,7 @@ def export_model(
     _check_suffix(path, format)
     if isinstance(model_path_or_model, nn.Module):
         model, card = copy.deepcopy(unwrap(model_path_or_model)), {}
-    elif isinstance(model_path_or_model, Recognizer) and isinstance(model_path_or_model.model, nn.Module):
+    elif isinstance(model_path_or_model, Recognizer):
         model, card = copy.deepcopy(model_path_or_model.model), dict(model_path_or_model.card)
     else:
         model, card = load_model(model_path_or_model)
@@ -179,8 +176,7 @@ def _save_torchscript(model: nn.Module, card: dict[str, Any], path: Path) -> Non
 def _torchscript_logits(path: Path, inputs: torch.Tensor) -> np.ndarray:
     with _quiet_deprecations():
         module = torch.jit.load(str(path), map_location="cpu")
-    outputs = [module(inputs[i : i + EVAL_BATCH_SIZE]) for i in range(0, len(inputs), EVAL_BATCH_SIZE)]
-    return torch.cat(outputs).numpy() if outputs else np.zeros((0, NUM_CLASSES), np.float32)
+    return in_batches(inputs, module)
 
 
 def export_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -201,87 +197,3 @@ def export_metadata(path: str | os.PathLike) -> dict[str, Any]:
         "preprocessing": json.loads(extra_files["preprocessing.json"] or "{}"),
         "card": json.loads(extra_files["card.json"] or "{}"),
     }
-
-
-class OnnxRecognizer(Recognizer):
-    """A `Recognizer` that runs an exported `.onnx` file with onnxruntime instead of PyTorch.
-
-    It has no PyTorch network (`model` is None); `logits`, `predict` and
-    `card` behave as they do for a `.safetensors` model.
-    """
-
-    def __init__(self, session: Any, card: dict[str, Any], preprocessing: dict[str, str]) -> None:
-        self.model = None
-        self.card = card
-        self.precision = "fp32"
-        self.session = session
-        self.preprocessing = preprocessing
-        self._input_name = session.get_inputs()[0].name
-
-    def logits(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        inputs = as_model_input(images).numpy()
-        if not len(inputs):
-            return np.zeros((0, NUM_CLASSES), np.float32)
-        outputs = [
-            self.session.run(None, {self._input_name: inputs[i : i + EVAL_BATCH_SIZE]})[0]
-            for i in range(0, len(inputs), EVAL_BATCH_SIZE)
-        ]
-        return np.concatenate(outputs).astype(np.float32, copy=False)
-
-
-def load_onnx_recognizer(path: str | os.PathLike) -> OnnxRecognizer:
-    """Open an exported `.onnx` file with onnxruntime (CPU, one intra-op thread per core)."""
-    path = Path(path)
-    try:
-        import onnxruntime as ort
-        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
-    except ImportError:
-        raise DigitlabError(
-            "running .onnx models needs onnxruntime; pip install 'digitlab[export]'"
-        ) from None
-    if not path.is_file():
-        raise DigitlabError(f"ONNX model file not found: {path} (check the path)")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only
-    load_errors = (
-        ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf,
-        ort_errors.NoSuchFile, ort_errors.NotImplemented, ort_errors.RuntimeException,
-    )  # fmt: skip
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except load_errors as error:
-        reason = str(error).split(" : ")[-1].strip()
-        raise DigitlabError(
-            f"{path} is not a readable ONNX model ({reason}); the file may be truncated or corrupted, "
-            "export it again with `digitlab export`"
-        ) from None
-    _check_signature(session, path)
-    metadata = dict(session.get_modelmeta().custom_metadata_map)
-    try:
-        card = json.loads(metadata.pop(CARD_KEY, "{}"))
-    except json.JSONDecodeError:
-        raise DigitlabError(f"{path} has an unreadable model card in its metadata; export it again") from None
-    preprocessing = {key: metadata[key] for key in PREPROCESSING if key in metadata}
-    return OnnxRecognizer(session, card, preprocessing)
-
-
-def _check_signature(session: Any, path: Path) -> None:
-    """Refuse ONNX models whose input and output are not the digit network's."""
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    expected_input = [1, IMAGE_SIZE, IMAGE_SIZE]
-    if (
-        len(inputs) != 1
-        or len(outputs) < 1
-        or list(inputs[0].shape[1:]) != expected_input
-        or inputs[0].type != "tensor(float)"
-        or list(outputs[0].shape[1:]) != [NUM_CLASSES]
-    ):
-        got = ", ".join(f"{i.name} {i.shape} {i.type}" for i in inputs)
-        raise DigitlabError(
-            f"{path} is an ONNX model but not a digit recognizer (inputs: {got}; expected one float "
-            f"input N×1×{IMAGE_SIZE}×{IMAGE_SIZE} and N×{NUM_CLASSES} logits); export one with `digitlab export`"
-        )

@@ -16,9 +16,9 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from digitlab import devices
 from digitlab.errors import DigitlabError
-from digitlab.evaluate import batched_logits, inference_network
-from digitlab.model import as_model_input
+from digitlab.inference import DigitRecognizer, Prediction, Recognizer, load_onnx_recognizer
 from digitlab.preprocess import load_image, preprocess_with_report
 from digitlab.serialization import load_model
 
@@ -28,64 +28,27 @@ def bundled_model_path() -> Path:
     return Path(str(resources.files("digitlab") / "weights" / "digitlab-best.safetensors"))
 
 
-@dataclass
-class Prediction:
-    """Model outputs for N images: raw logits, softmax probabilities, and the predicted digit."""
+def load_recognizer(
+    path: str | os.PathLike | None = None, precision: str = "auto", device: str = "cpu"
+) -> DigitRecognizer:
+    """Load a digitlab model file, or an exported `.onnx` file (CPU only); None means the bundled model.
 
-    logits: np.ndarray
-    probabilities: np.ndarray
-    labels: np.ndarray
-
-    @classmethod
-    def from_logits(cls, logits: np.ndarray) -> Prediction:
-        logits = np.asarray(logits, dtype=np.float32)
-        probabilities = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-        return cls(logits=logits, probabilities=probabilities, labels=logits.argmax(axis=1))
-
-    def top_k(self, k: int = 3) -> list[list[tuple[int, float]]]:
-        """The k most probable digits of each image, with their probabilities."""
-        order = np.argsort(-self.probabilities, axis=1)[:, :k]
-        return [[(int(d), float(p[d])) for d in row] for row, p in zip(order, self.probabilities)]
-
-
-class Recognizer:
-    """A trained network ready for inference, with its model card.
-
-    Inference runs on an eval-mode copy of the network (BatchNorm uses its
-    learned statistics, folded into the convolutions, so a single image gets
-    the same answer as in a batch), channels-last, in bf16 where the CPU runs
-    it natively. Later changes to `model` need a new Recognizer.
+    `device` is a name for `digitlab.devices.resolve_device` (auto, cpu, cuda, cuda:N, mps).
     """
-
-    def __init__(self, model: nn.Module, card: dict[str, Any] | None = None, precision: str = "auto") -> None:
-        self.model = model
-        self.card = card or {}
-        self.precision = precision
-        self.network = inference_network(model, precision)
-
-    def logits(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        return batched_logits(self.network, as_model_input(images)).numpy()
-
-    def predict(self, images: np.ndarray | torch.Tensor) -> Prediction:
-        return Prediction.from_logits(self.logits(images))
-
-
-def load_recognizer(path: str | os.PathLike | None = None, precision: str = "auto") -> Recognizer:
-    """Load a digitlab model file, or an exported `.onnx` file; None means the bundled model."""
     path = Path(path) if path is not None else bundled_model_path()
     if path.suffix == ".onnx":
-        from digitlab.export import load_onnx_recognizer
-
+        if device not in ("auto", "cpu"):
+            raise DigitlabError(f"{path.name} (ONNX) runs on the CPU only; leave out --device")
         return load_onnx_recognizer(path)
     if path == bundled_model_path() and not path.is_file():
         raise DigitlabError(f"the bundled model is missing from this installation ({path}); pass --model")
     model, card = load_model(path)
-    return Recognizer(model, card, precision=precision)
+    return Recognizer(model, card, precision=precision, device=devices.resolve_device(device))
 
 
-def predict(model: nn.Module | Recognizer, images: np.ndarray | torch.Tensor) -> Prediction:
+def predict(model: nn.Module | DigitRecognizer, images: np.ndarray | torch.Tensor) -> Prediction:
     """Predict digits for 28×28 images (uint8 or floats in [0, 1]), as the lab's `model.predict`."""
-    recognizer = model if isinstance(model, Recognizer) else Recognizer(model)
+    recognizer = model if isinstance(model, DigitRecognizer) else Recognizer(model)
     return recognizer.predict(images)
 
 
@@ -181,7 +144,7 @@ def classify(
 
 def predict_images(
     sources: Iterable[ImageSource],
-    model: str | os.PathLike | Recognizer | nn.Module | None = None,
+    model: str | os.PathLike | DigitRecognizer | nn.Module | None = None,
     top_k: int = 3,
     batch_size: int = 256,
     min_confidence: float = DEFAULT_MIN_CONFIDENCE,
@@ -199,7 +162,7 @@ def predict_images(
     """
     if top_k < 1 or batch_size < 1:
         raise DigitlabError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
-    if isinstance(model, Recognizer):
+    if isinstance(model, DigitRecognizer):
         recognizer = model
     elif isinstance(model, nn.Module):
         recognizer = Recognizer(model)
@@ -215,7 +178,7 @@ def predict_images(
 
 
 def _predict_batch(
-    recognizer: Recognizer,
+    recognizer: DigitRecognizer,
     sources: list[ImageSource],
     first_index: int,
     top_k: int,

@@ -96,7 +96,11 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int = M
             raise DigitlabError(f"{path}: is a directory, not an image file")
         if path.stat().st_size == 0:
             raise DigitlabError(f"{path}: the file is empty")
-        with open(path, "rb") as stream:
+        try:
+            stream = open(path, "rb")
+        except OSError as error:
+            raise DigitlabError(f"{path}: cannot be read ({error.strerror}); check its permissions") from None
+        with stream:
             return _decode(stream, f"{path}: ", max_pixels)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)

@@ -17,9 +17,10 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,8 @@ from digitlab.data import load_mnist
 from digitlab.errors import DigitlabError
 from digitlab.evaluate import Evaluation, evaluate_sharded
 from digitlab.model import build_model, parameter_counts, summary
-from digitlab.serialization import save_model, write_json_atomic, write_text_atomic
-from digitlab.train import Checkpoints, History, TrainConfig, train
+from digitlab.serialization import check_model_path, save_model, write_json_atomic, write_text_atomic
+from digitlab.train import Checkpoints, History, TrainConfig, resolve_setup, train
 
 DEFAULT_RUNS_DIR = Path("runs")
 
@@ -101,6 +102,26 @@ def new_run_dir(root: str | os.PathLike, config: TrainConfig) -> Path:
     return path
 
 
+RUN_OUTPUTS = ("model.safetensors", "model.json", "metrics.json", "metrics.csv")
+
+
+def _claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> str | None:
+    """Why `run_dir` cannot take this run, or None; with `overwrite`, clear the previous run's outputs."""
+    if resume or not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    if not (run_dir / "config.json").is_file():
+        return f"{run_dir} is not empty and holds no digitlab run; choose another --run-dir"
+    if not overwrite:
+        return (
+            f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+            "or pass --overwrite to discard its checkpoints and model"
+        )
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    for name in RUN_OUTPUTS:
+        (run_dir / name).unlink(missing_ok=True)
+    return None
+
+
 def run_training(
     config: TrainConfig,
     *,
@@ -112,28 +133,37 @@ def run_training(
     run_dir: str | os.PathLike | None = None,
     output: str | os.PathLike | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     command: str | None = None,
 ) -> RunResult:
-    """The main job: load data, build the lab CNN, train, evaluate on the test set, save a run."""
+    """The main job: load data, build the lab CNN, train, evaluate on the test set, save a run.
+
+    Every setting is checked, and the device, process ranks, seed and precision
+    are resolved, before any data is loaded or any directory is made. An
+    existing run directory is refused unless `resume` (continue it) or
+    `overwrite` (discard its checkpoints, metrics and model) is set. The
+    caller's `config` is left as it is; the run's copy records the chosen seed.
+    """
     if limit is not None and limit < 1:
         raise DigitlabError(f"--limit must be at least 1 image, got {limit}")
     if not 0 <= val_split < 1:
         raise DigitlabError(f"--val-split must be between 0 and 1 (exclusive), got {val_split}")
-    device = devices.resolve_device(config.device)
-    ranks = devices.init_distributed(device)
-    main = ranks.is_main
-    if config.seed is None:  # chosen once, by rank 0, and recorded so the run can be repeated
-        config.seed = devices.broadcast_object(int(np.random.SeedSequence().entropy % (2**31 - 1)))
-
-    (x_train, y_train), (x_test, y_test) = load_mnist(data_dir, dataset=dataset, progress=progress and main)
-    checksums = array_checksums({"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test})
-    if limit is not None:
-        x_train, y_train = x_train[:limit], y_train[:limit]
-    (x_fit, y_fit), validation = split_validation(x_train, y_train, val_split)
-
+    if output is not None:
+        check_model_path(output)
+    config.validate()
+    setup = resolve_setup(config)
+    config = replace(config, seed=setup.seed)
+    main = setup.ranks.is_main
     run_dir = (
         Path(run_dir) if run_dir is not None else devices.broadcast_object(new_run_dir(runs_dir, config))
+    )
+    problem = devices.broadcast_object(_claim_run_dir(run_dir, resume, overwrite) if main else None)
+    if problem:
+        raise DigitlabError(problem)
+
+    (x_fit, y_fit), validation, (x_test, y_test), checksums = _load_data(
+        data_dir, dataset, limit, val_split, progress=progress and main
     )
     settings = {"train": asdict(config), "dataset": dataset, "val_split": val_split, "limit": limit}
     if main:
@@ -149,17 +179,51 @@ def run_training(
     history = train(
         model, x_fit, y_fit, config, validation=validation,
         checkpoints=Checkpoints(run_dir / "checkpoints", keep=config.keep_checkpoints),
-        resume=resume, progress=progress,
+        resume=resume, progress=progress, setup=setup,
     )  # fmt: skip
     wall = time.perf_counter() - started
-    training_seconds = sum(epoch["seconds"] for epoch in history.epochs)
 
-    test = evaluate_sharded(model, x_test, y_test, ranks=ranks, precision=config.precision, device=device)
+    test = evaluate_sharded(
+        model, x_test, y_test, ranks=setup.ranks, precision=setup.precision, device=setup.device
+    )
     if main and progress:
         print(f"Elapsed time: {wall:.2f}s")
         print(f"Test loss: {test.loss:.4f} - test accuracy: {test.accuracy:.4f}")
 
-    card = {
+    card = _model_card(model, run_dir, settings, checksums, history, test, command)
+    model_path = Path(output) if output is not None else run_dir / "model.safetensors"
+    if main:
+        write_json_atomic(run_dir / "metrics.json", history.to_dict())
+        write_text_atomic(run_dir / "metrics.csv", _epochs_csv(history))
+        save_model(model, model_path, card)
+        print(f"Saved model to {model_path}")
+    return RunResult(run_dir=run_dir, model_path=model_path, history=history, test=test, card=card)
+
+
+def _load_data(
+    data_dir: str | os.PathLike | None, dataset: str, limit: int | None, val_split: float, *, progress: bool
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None, tuple[np.ndarray, np.ndarray],
+           dict[str, str]]:  # fmt: skip
+    """The training images (the first `limit`) less the validation split, the validation and test sets, checksums."""
+    (x_train, y_train), (x_test, y_test) = load_mnist(data_dir, dataset=dataset, progress=progress)
+    checksums = array_checksums({"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test})
+    if limit is not None:
+        x_train, y_train = x_train[:limit], y_train[:limit]
+    fit, validation = split_validation(x_train, y_train, val_split)
+    return fit, validation, (x_test, y_test), checksums
+
+
+def _model_card(
+    model: torch.nn.Module,
+    run_dir: Path,
+    settings: dict[str, Any],
+    checksums: dict[str, str],
+    history: History,
+    test: Evaluation,
+    command: str | None,
+) -> dict[str, Any]:
+    """What the saved model says about itself: architecture, settings, data, history, test result, where."""
+    return {
         "name": run_dir.name,
         "architecture": "digitlab lab CNN: 4 × (Conv2D 3×3 valid + BatchNorm + ReLU) with 16/32/64/128 filters, "
         "global average pooling, Dense(10) logits",
@@ -170,25 +234,18 @@ def run_training(
             "dtype": "float32",
             "scale": "pixel / 255, white digit on black",
         },
-        "config": asdict(config),
-        "dataset": dataset,
-        "val_split": val_split,
-        "limit": limit,
+        "config": settings["train"],
+        "dataset": settings["dataset"],
+        "val_split": settings["val_split"],
+        "limit": settings["limit"],
         "data_sha256": checksums,
         "history": history.to_dict(),
-        "training_seconds": training_seconds,
+        "training_seconds": sum(epoch["seconds"] for epoch in history.epochs),
         "test": test.to_dict(),
         "command": command or shlex.join(["digitlab", *sys.argv[1:]]),
         "environment": environment(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    model_path = Path(output) if output is not None else run_dir / "model.safetensors"
-    if main:
-        write_json_atomic(run_dir / "metrics.json", history.to_dict())
-        write_text_atomic(run_dir / "metrics.csv", _epochs_csv(history))
-        save_model(model, model_path, card)
-        print(f"Saved model to {model_path}")
-    return RunResult(run_dir=run_dir, model_path=model_path, history=history, test=test, card=card)
 
 
 def resume_training(
@@ -208,6 +265,7 @@ def resume_training(
         config.validate()
     except (ValueError, KeyError, TypeError) as error:
         raise DigitlabError(f"{config_file} is damaged ({error}); start a new run instead") from None
+    Checkpoints(run_dir / "checkpoints").require_latest()
     output = run_dir / "model.safetensors"
     return run_training(
         config, data_dir=data_dir, dataset=settings.get("dataset", "mnist"), val_split=settings.get("val_split", 0.0),
@@ -228,22 +286,33 @@ def list_runs(root: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[dict[str, Any]
     """Each run under `root` with its key figures, newest last."""
     runs = []
     for config_file in sorted(Path(root).glob("*/config.json")):
-        run_dir = config_file.parent
-        card_file = run_dir / "model.json"
-        card = json.loads(card_file.read_text()) if card_file.is_file() else {}
-        settings = json.loads(config_file.read_text())
-        epochs = card.get("history", {}).get("epochs") or _history_epochs(run_dir)
-        runs.append({
-            "run": run_dir.name,
-            "recipe": settings.get("train", {}).get("recipe"),
-            "epochs": len(epochs),
-            "train_accuracy": epochs[-1]["accuracy"] if epochs else None,
-            "val_accuracy": epochs[-1].get("val_accuracy") if epochs else None,
-            "test_accuracy": card.get("test", {}).get("accuracy"),
-            "seconds": card.get("training_seconds"),
-            "status": "done" if card else "incomplete",
-        })  # fmt: skip
+        try:
+            runs.append(_run_row(config_file.parent))
+        except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
+            runs.append({
+                "run": config_file.parent.name, "recipe": None, "epochs": 0, "train_accuracy": None,
+                "val_accuracy": None, "test_accuracy": None, "seconds": None,
+                "status": f"damaged ({type(error).__name__})",
+            })  # fmt: skip
     return runs
+
+
+def _run_row(run_dir: Path) -> dict[str, Any]:
+    """One run's key figures from its files; raises if they are damaged."""
+    card_file = run_dir / "model.json"
+    card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+    settings = json.loads((run_dir / "config.json").read_text())
+    epochs = card.get("history", {}).get("epochs") or _history_epochs(run_dir)
+    return {
+        "run": run_dir.name,
+        "recipe": settings.get("train", {}).get("recipe"),
+        "epochs": len(epochs),
+        "train_accuracy": epochs[-1]["accuracy"] if epochs else None,
+        "val_accuracy": epochs[-1].get("val_accuracy") if epochs else None,
+        "test_accuracy": card.get("test", {}).get("accuracy"),
+        "seconds": card.get("training_seconds"),
+        "status": "done" if card else "incomplete",
+    }
 
 
 def _history_epochs(run_dir: Path) -> list[dict[str, Any]]:

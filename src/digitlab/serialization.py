@@ -40,9 +40,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o666 & ~umask)  # mkstemp (and safetensors) make files private: give a normal mode
+        _fsync(tmp)  # the content is on disk before the name points at it
         os.replace(tmp, target)
+        _fsync(target.parent)  # and so is the new name
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's content to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -112,15 +123,44 @@ def _load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path
         raise DigitlabError(
             f"{path} does not match the digitlab network ({detail}); it was written for a different model"
         )
+    check_finite(tensors, path)
     model.load_state_dict(tensors)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse weights that hold NaN or infinity: what a diverged training run leaves."""
+    bad = sorted(name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if bad:
+        raise DigitlabError(
+            f"{path}: non-finite weights (NaN or infinity) in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; "
+            "training diverged: retrain with a lower --lr"
+        )
+
+
+def parse_card(text: str, path: str | os.PathLike) -> dict[str, Any]:
+    """A model card from its JSON text; refuses text that is not a JSON object."""
+    try:
+        card = json.loads(text)
+    except ValueError:
+        card = None
+    if not isinstance(card, dict):
+        raise DigitlabError(f"{path}: the model card is not a JSON object; export or save the model again")
+    return card
+
+
+def check_model_path(path: str | os.PathLike) -> Path:
+    """`path` as a Path if it names a model file (.safetensors); `DigitlabError` otherwise."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise DigitlabError(f"model files end in .safetensors, got {path.name}; rename the output")
+    return path
 
 
 def save_model(model: torch.nn.Module, path: str | os.PathLike, card: dict[str, Any]) -> Path:
     """Save weights to `path` (.safetensors) and the card to `path` with .json, atomically."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise DigitlabError(f"model files end in .safetensors, got {path.name}; rename the output")
+    path = check_model_path(path)
     state = unwrap(model).state_dict()
+    check_finite(state, path)
     _save_tensors(state, path, {"format": FORMAT, "card": json.dumps(card)})
     write_json_atomic(card_path(path), card)
     return path
@@ -144,7 +184,7 @@ def load_model(path: str | os.PathLike) -> tuple[DigitCNN, dict[str, Any]]:
     model = build_model()
     _load_weights(model, tensors, path)
     model.eval()
-    return model, json.loads(metadata.get("card", "{}"))
+    return model, parse_card(metadata.get("card", "{}"), path)
 
 
 def save_checkpoint(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,99 +23,11 @@ from torch import nn
 from tqdm import tqdm
 
 from digitlab import devices
+from digitlab.config import TRAJECTORY_KEYS, TrainConfig
 from digitlab.errors import DigitlabError
 from digitlab.evaluate import evaluate_sharded
 from digitlab.model import as_model_input
 from digitlab.serialization import load_checkpoint, load_model, save_checkpoint, save_model, unwrap
-
-SCHEDULES = ("constant", "onecycle", "cosine")
-
-# The lab: SGD at 0.1 without momentum, batch 32, one epoch (TrainConfig's defaults).
-# The best recipe: same network, settings chosen on a validation split (benchmarks/tune_best.py, README).
-RECIPES: dict[str, dict[str, Any]] = {
-    "lab": {},
-    "best": {
-        "epochs": 20,
-        "batch_size": 128,
-        "lr": 0.2,
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 5e-4,
-        "label_smoothing": 0.1,
-        "schedule": "onecycle",
-        "augment": True,
-        "elastic": 34.0,
-        "clean_epochs": 5,
-    },
-}
-
-# Settings that change the sequence of weights; a checkpoint only resumes a run that agrees on them.
-TRAJECTORY_KEYS = (
-    "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
-    "label_smoothing", "schedule", "augment", "elastic", "clean_epochs", "seed", "precision",
-)  # fmt: skip
-
-
-@dataclass
-class TrainConfig:
-    """Every training setting, as plain values. The defaults are the lab's recipe."""
-
-    recipe: str = "lab"
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.1
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    schedule: str = "constant"
-    augment: bool = False
-    elastic: float = 0.0  # with augment: elastic distortion of about this many pixels, 0 for none
-    clean_epochs: int = 0  # with augment: the last N epochs see the images unaltered
-    seed: int | None = None
-    precision: str = "auto"
-    compile: bool = False
-    channels_last: bool = True
-    device: str = "auto"
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    early_stopping: int = 0
-    restore_best: bool = False
-
-    @classmethod
-    def from_recipe(cls, recipe: str = "lab", **overrides: Any) -> TrainConfig:
-        """A recipe's settings, with any of them overridden (None means keep the recipe's)."""
-        if recipe not in RECIPES:
-            raise DigitlabError(f"unknown recipe {recipe!r}; use one of {', '.join(RECIPES)}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise DigitlabError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
-        values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
-        config = cls(recipe=recipe, **values)
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
-            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
-            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
-            (not self.nesterov or self.momentum > 0, "Nesterov momentum needs --momentum > 0"),
-            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
-            (self.elastic >= 0, f"elastic distortion must be >= 0 pixels, got {self.elastic}"),
-            (self.clean_epochs >= 0, f"clean epochs must be >= 0, got {self.clean_epochs}"),
-            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (self.precision in devices.PRECISIONS, f"precision must be one of {', '.join(devices.PRECISIONS)}, got {self.precision!r}"),
-            (self.checkpoint_every >= 0, f"checkpoint interval must be >= 0 steps, got {self.checkpoint_every}"),
-            (self.keep_checkpoints >= 1, f"keep at least 1 checkpoint, got {self.keep_checkpoints}"),
-            (self.early_stopping >= 0, f"early-stopping patience must be >= 0, got {self.early_stopping}"),
-        ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise DigitlabError(message)
 
 
 @dataclass
@@ -230,6 +142,16 @@ class Checkpoints:
         found = self.all()
         return found[-1] if found else None
 
+    def require_latest(self) -> Path:
+        """The newest checkpoint; `DigitlabError` if there is none to resume from."""
+        latest = self.latest()
+        if latest is None:
+            raise DigitlabError(
+                f"{self.directory} holds no checkpoint to resume from (the run stopped before its first); "
+                "start a new run instead"
+            )
+        return latest
+
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
         path = self.directory / f"step-{state['global_step']:09d}.safetensors"
         save_checkpoint(path, model, optimizer, state)
@@ -253,6 +175,69 @@ def _check_resumable(state: dict[str, Any], config: TrainConfig, ranks: devices.
         )
 
 
+@dataclass(frozen=True)
+class Setup:
+    """Where and how a run trains, resolved once from its settings by `resolve_setup`."""
+
+    device: torch.device
+    ranks: devices.Ranks
+    seed: int
+    precision: str
+
+
+def resolve_setup(config: TrainConfig) -> Setup:
+    """The device, process ranks, seed (rank 0 draws one if unset) and precision for `config`."""
+    device = devices.resolve_device(config.device)
+    ranks = devices.init_distributed(device)
+    seed = config.seed
+    if seed is None:  # every rank must shuffle alike: rank 0 chooses, and the run records it
+        seed = devices.broadcast_object(int(np.random.SeedSequence().entropy % (2**31 - 1)))
+    return Setup(device, ranks, seed, devices.resolve_precision(config.precision, device))
+
+
+@dataclass
+class Position:
+    """Where training stands: the epoch and step to run next, and the running sums of that epoch."""
+
+    epoch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    elapsed: float = 0.0
+
+
+@dataclass
+class _Run:
+    """What one call of `train` works with, prepared by `_prepare`."""
+
+    config: TrainConfig
+    setup: Setup
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.SGD
+    images: torch.Tensor
+    labels: torch.Tensor
+    steps_per_epoch: int
+    checkpoints: Checkpoints | None
+    validation: tuple[np.ndarray, np.ndarray] | None
+    progress: bool
+    history: History = field(default_factory=History)
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": -1, "val_accuracy": -1.0})
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.epochs
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.config.channels_last else torch.contiguous_format
+
+    @property
+    def shows_progress(self) -> bool:
+        return self.progress and self.setup.ranks.is_main
+
+
 def train(
     model: nn.Module,
     x_train: np.ndarray | torch.Tensor,
@@ -263,13 +248,15 @@ def train(
     checkpoints: Checkpoints | None = None,
     resume: bool = False,
     progress: bool = True,
+    setup: Setup | None = None,
 ) -> History:
     """Fit `model` to the images and labels in place, as Keras' `fit` does; return the history.
 
     `validation` images and labels are evaluated after each epoch (needed for
     early stopping and best-model selection). With `checkpoints`, training
     state is saved every `config.checkpoint_every` steps and at each epoch end,
-    and `resume=True` continues from the newest checkpoint there.
+    and `resume=True` continues from the newest checkpoint there. `setup` is
+    the resolved device, ranks, seed and precision (default: `resolve_setup(config)`).
     """
     config = config or TrainConfig()
     config.validate()
@@ -277,156 +264,162 @@ def train(
         raise DigitlabError("early stopping and --restore-best need a validation split (--val-split)")
     if config.restore_best and checkpoints is None:
         raise DigitlabError("--restore-best needs a checkpoint directory to keep the best model in")
-
-    device = devices.resolve_device(config.device)
-    devices.keep_freed_memory()
-    ranks = devices.init_distributed(device)
-    if config.seed is None:  # every rank must shuffle alike: rank 0 chooses
-        config.seed = devices.broadcast_object(int(torch.randint(0, 2**31 - 1, ()).item()))
-    precision = devices.resolve_precision(config.precision, device)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-
-    images = _as_uint8_images(x_train).to(device)
-    labels = torch.as_tensor(np.asarray(y_train), dtype=torch.long).to(device)
-    if images.shape[0] != labels.shape[0]:
-        raise DigitlabError(f"{images.shape[0]} images but {labels.shape[0]} labels; pass matching arrays")
-
-    model.to(device=device, memory_format=memory_format).train()
-    optimizer = _make_optimizer(model, config)
-    net: nn.Module = model
-    if ranks.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if config.compile:
-        net = torch.compile(net)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-
-    order_len = len(epoch_order(images.shape[0], config.seed, 0, ranks))
-    steps_per_epoch = math.ceil(order_len / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    log_every = max(1, steps_per_epoch // 50)
-
-    history = History()
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "elapsed": 0.0}
-    best = {"epoch": -1, "val_accuracy": -1.0}
-    if resume and checkpoints is not None and (latest := checkpoints.latest()) is not None:
-        state = load_checkpoint(latest, model, optimizer)
-        _check_resumable(state, config, ranks, latest)
-        history = History.from_dict(state["history"])
-        best = state["best"]
-        if ranks.is_main:
-            print(
-                f"Resuming from {latest} (epoch {state['epoch'] + 1}, step {state['step']})", file=sys.stderr
-            )
-
-    def save_state(epoch: int, step: int, sums: torch.Tensor, elapsed: float) -> None:
-        if checkpoints is None or not ranks.is_main:
-            return
-        checkpoints.save(model, optimizer, {
-            "epoch": epoch, "step": step, "global_step": epoch * steps_per_epoch + step,
-            "loss_sum": sums[0].item(), "correct": int(sums[1].item()), "seen": int(sums[2].item()),
-            "elapsed": elapsed, "history": history.to_dict(), "best": best,
-            "config": asdict(config), "world_size": ranks.world_size,
-        })  # fmt: skip
-
-    for epoch in range(state["epoch"], config.epochs):
-        start_step = state["step"] if epoch == state["epoch"] else 0
-        # Running sums of loss, correct predictions and samples: kept as tensors to avoid syncs.
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        if start_step:
-            sums += torch.tensor(
-                [state["loss_sum"], state["correct"], state["seen"]], dtype=torch.float64, device=device
-            )
-        elapsed_before = state["elapsed"] if start_step else 0.0
-        order = epoch_order(images.shape[0], config.seed, epoch, ranks).to(device)
-        epoch_images, epoch_labels = images[order], labels[order]
-        bar = tqdm(
-            total=steps_per_epoch, initial=start_step, desc=f"Epoch {epoch + 1}/{config.epochs}",
-            unit="step", disable=not (progress and ranks.is_main), file=sys.stdout, mininterval=0.25,
-        )  # fmt: skip
-        started = time.perf_counter()
-        last_shown = 0.0
-        for step in range(start_step, steps_per_epoch):
-            global_step = epoch * steps_per_epoch + step
-            lr = learning_rate(config, global_step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = slice(step * config.batch_size, (step + 1) * config.batch_size)
-            x = epoch_images[batch].float().div_(255.0).unsqueeze(1)
-            y = epoch_labels[batch]
-            if config.augment and epoch < config.epochs - config.clean_epochs:
-                x = augment_batch(
-                    x, _seeded_generator(device, config.seed, global_step, ranks.rank), config.elastic
-                )
-            x = x.contiguous(memory_format=memory_format)
-            with devices.autocast(precision, device):
-                logits = net(x)
-            loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                sums[0] += loss.detach() * len(y)
-                sums[1] += (logits.argmax(1) == y).sum()
-                sums[2] += len(y)
-
-            done = step + 1
-            if done % log_every == 0 or done == steps_per_epoch:
-                history.steps.append(_running(sums, epoch, done, global_step + 1))
-            now = time.perf_counter()
-            if bar.disable is False and (now - last_shown > 0.25 or done == steps_per_epoch):
-                running = _running(sums, epoch, done, global_step + 1)
-                rate = (done - start_step) * config.batch_size * ranks.world_size / max(now - started, 1e-9)
-                bar.set_postfix_str(
-                    f"loss: {running['loss']:.4f} - accuracy: {running['accuracy']:.4f} - {rate:,.0f} img/s",
-                    refresh=False,
-                )
-                last_shown = now
-            bar.update(1)
-            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps_per_epoch:
-                save_state(epoch, done, sums, elapsed_before + time.perf_counter() - started)
-        bar.close()
-
-        sums = devices.all_reduce_sum(sums)
-        devices.broadcast_buffers(unwrap(model))
-        record = {
-            "epoch": epoch + 1,
-            "loss": sums[0].item() / sums[2].item(),
-            "accuracy": sums[1].item() / sums[2].item(),
-            "samples": int(sums[2].item()),
-            "lr": learning_rate(config, (epoch + 1) * steps_per_epoch - 1, total_steps),
-            "seconds": elapsed_before + time.perf_counter() - started,
-        }
-        if validation is not None:
-            evaluation = evaluate_sharded(
-                unwrap(model), *validation, ranks=ranks, precision=precision, device=device
-            )
-            record.update(val_loss=evaluation.loss, val_accuracy=evaluation.accuracy)
-            if evaluation.accuracy > best["val_accuracy"]:
-                best = {"epoch": epoch + 1, "val_accuracy": evaluation.accuracy}
-                if config.restore_best and checkpoints is not None and ranks.is_main:
-                    save_model(
-                        model,
-                        checkpoints.best_path,
-                        {"epoch": epoch + 1, "val_accuracy": evaluation.accuracy},
-                    )
-        history.epochs.append(record)
-        if ranks.is_main and progress:
-            print(_epoch_line(record), file=sys.stdout, flush=True)
-        state = {"epoch": epoch + 1, "step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "elapsed": 0.0}
-        save_state(epoch + 1, 0, torch.zeros(3, dtype=torch.float64), 0.0)
-        if config.early_stopping and epoch + 1 - best["epoch"] >= config.early_stopping:
-            if ranks.is_main and progress:
+    setup = setup or resolve_setup(config)
+    run = _prepare(model, x_train, y_train, replace(config, seed=setup.seed), setup, checkpoints)
+    run.validation, run.progress = validation, progress
+    position = _resume(run) if resume else Position()
+    for epoch in range(position.epoch, config.epochs):
+        sums, seconds = _train_epoch(run, position if epoch == position.epoch else Position(epoch))
+        record = _end_epoch(run, epoch, sums, seconds)
+        position = Position(epoch + 1)
+        _save_state(run, position)
+        if config.early_stopping and record["epoch"] - run.best["epoch"] >= config.early_stopping:
+            if run.shows_progress:
                 print(f"Early stopping: no validation improvement for {config.early_stopping} epoch(s)")
             break
-
     if config.restore_best and checkpoints is not None:
         devices.barrier()
         best_model, _ = load_model(checkpoints.best_path)
         unwrap(model).load_state_dict(best_model.state_dict())
     model.eval()
-    return history
+    return run.history
+
+
+def _prepare(
+    model: nn.Module,
+    x_train: np.ndarray | torch.Tensor,
+    y_train: np.ndarray | torch.Tensor,
+    config: TrainConfig,
+    setup: Setup,
+    checkpoints: Checkpoints | None,
+) -> _Run:
+    """Data on the device, the model laid out and wrapped (DDP, compile), the optimizer, the step count."""
+    devices.keep_freed_memory()
+    device = setup.device
+    images = _as_uint8_images(x_train).to(device)
+    labels = torch.as_tensor(np.asarray(y_train), dtype=torch.long).to(device)
+    if images.shape[0] != labels.shape[0]:
+        raise DigitlabError(f"{images.shape[0]} images but {labels.shape[0]} labels; pass matching arrays")
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format).train()
+    net: nn.Module = model
+    if setup.ranks.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        net = torch.compile(net)
+    order_len = len(epoch_order(images.shape[0], setup.seed, 0, setup.ranks))
+    return _Run(
+        config, setup, model, net, _make_optimizer(model, config), images, labels,
+        steps_per_epoch=math.ceil(order_len / config.batch_size), checkpoints=checkpoints,
+        validation=None, progress=True,
+    )  # fmt: skip
+
+
+def _resume(run: _Run) -> Position:
+    """Restore model, optimizer, history and best epoch from the newest checkpoint; where to go on."""
+    if run.checkpoints is None:
+        raise DigitlabError("resuming needs the run's checkpoint directory")
+    latest = run.checkpoints.require_latest()
+    state = load_checkpoint(latest, run.model, run.optimizer)
+    _check_resumable(state, run.config, run.setup.ranks, latest)
+    run.history = History.from_dict(state["history"])
+    run.best = state["best"]
+    if run.setup.ranks.is_main:
+        print(f"Resuming from {latest} (epoch {state['epoch'] + 1}, step {state['step']})", file=sys.stderr)
+    return Position(**{f.name: state[f.name] for f in fields(Position)})
+
+
+def _save_state(run: _Run, position: Position) -> None:
+    """Checkpoint the model, the optimizer and `position` (rank 0 only)."""
+    if run.checkpoints is None or not run.setup.ranks.is_main:
+        return
+    global_step = position.epoch * run.steps_per_epoch + position.step
+    run.checkpoints.save(run.model, run.optimizer, {
+        **asdict(position), "global_step": global_step, "history": run.history.to_dict(), "best": run.best,
+        "config": asdict(run.config), "world_size": run.setup.ranks.world_size,
+    })  # fmt: skip
+
+
+def _train_epoch(run: _Run, start: Position) -> tuple[torch.Tensor, float]:
+    """Run the steps of one epoch from `start`; the running sums (loss, correct, seen) and its seconds."""
+    config, setup, epoch = run.config, run.setup, start.epoch
+    # Running sums of loss, correct predictions and samples: kept as tensors to avoid syncs.
+    sums = torch.tensor([start.loss_sum, start.correct, start.seen], dtype=torch.float64, device=setup.device)
+    order = epoch_order(run.images.shape[0], setup.seed, epoch, setup.ranks).to(setup.device)
+    epoch_images, epoch_labels = run.images[order], run.labels[order]
+    bar = tqdm(
+        total=run.steps_per_epoch, initial=start.step, desc=f"Epoch {epoch + 1}/{config.epochs}", unit="step",
+        disable=not run.shows_progress, file=sys.stdout, mininterval=0.25,
+    )  # fmt: skip
+    started = last_shown = time.perf_counter()
+    for step in range(start.step, run.steps_per_epoch):
+        global_step = epoch * run.steps_per_epoch + step
+        batch = slice(step * config.batch_size, (step + 1) * config.batch_size)
+        _train_step(run, epoch_images[batch], epoch_labels[batch], epoch, global_step, sums)
+        done = step + 1
+        if done % max(1, run.steps_per_epoch // 50) == 0 or done == run.steps_per_epoch:
+            run.history.steps.append(_running(sums, epoch, done, global_step + 1))
+        now = time.perf_counter()
+        if not bar.disable and (now - last_shown > 0.25 or done == run.steps_per_epoch):
+            rate = (done - start.step) * config.batch_size * setup.ranks.world_size / max(now - started, 1e-9)
+            bar.set_postfix_str(_bar_text(_running(sums, epoch, done, global_step + 1), rate), refresh=False)
+            last_shown = now
+        bar.update(1)
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < run.steps_per_epoch:
+            loss_sum, correct, seen = sums.tolist()
+            elapsed = start.elapsed + time.perf_counter() - started
+            _save_state(run, Position(epoch, done, loss_sum, int(correct), int(seen), elapsed))
+    bar.close()
+    return sums, start.elapsed + time.perf_counter() - started
+
+
+def _train_step(
+    run: _Run, pixels: torch.Tensor, y: torch.Tensor, epoch: int, global_step: int, sums: torch.Tensor
+) -> None:
+    """One optimizer step on a batch of uint8 images; adds its loss, hits and size to `sums`."""
+    config, setup = run.config, run.setup
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(config, global_step, run.total_steps)
+    x = pixels.float().div_(255.0).unsqueeze(1)
+    if config.augment and epoch < config.epochs - config.clean_epochs:
+        generator = _seeded_generator(setup.device, setup.seed, global_step, setup.ranks.rank)
+        x = augment_batch(x, generator, config.elastic)
+    x = x.contiguous(memory_format=run.memory_format)
+    with devices.autocast(setup.precision, setup.device):
+        logits = run.net(x)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    with torch.no_grad():
+        sums[0] += loss.detach() * len(y)
+        sums[1] += (logits.argmax(1) == y).sum()
+        sums[2] += len(y)
+
+
+def _end_epoch(run: _Run, epoch: int, sums: torch.Tensor, seconds: float) -> dict[str, float]:
+    """Sum over ranks, validate, keep the best model, record and print the epoch."""
+    config, setup = run.config, run.setup
+    sums = devices.all_reduce_sum(sums)
+    devices.broadcast_buffers(unwrap(run.model))
+    loss_sum, correct, seen = sums.tolist()
+    record = {
+        "epoch": epoch + 1, "loss": loss_sum / seen, "accuracy": correct / seen, "samples": int(seen),
+        "lr": learning_rate(config, (epoch + 1) * run.steps_per_epoch - 1, run.total_steps), "seconds": seconds,
+    }  # fmt: skip
+    if run.validation is not None:
+        evaluation = evaluate_sharded(
+            unwrap(run.model), *run.validation, ranks=setup.ranks, precision=setup.precision, device=setup.device
+        )
+        record.update(val_loss=evaluation.loss, val_accuracy=evaluation.accuracy)
+        if evaluation.accuracy > run.best["val_accuracy"]:
+            run.best = {"epoch": epoch + 1, "val_accuracy": evaluation.accuracy}
+            if config.restore_best and run.checkpoints is not None and setup.ranks.is_main:
+                save_model(run.model, run.checkpoints.best_path, dict(run.best))
+    run.history.epochs.append(record)
+    if run.shows_progress:
+        print(_epoch_line(record), file=sys.stdout, flush=True)
+    return record
 
 
 def _as_uint8_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -446,6 +439,10 @@ def _running(sums: torch.Tensor, epoch: int, step: int, global_step: int) -> dic
         "loss": loss_sum / seen,
         "accuracy": correct / seen,
     }
+
+
+def _bar_text(running: dict[str, float], rate: float) -> str:
+    return f"loss: {running['loss']:.4f} - accuracy: {running['accuracy']:.4f} - {rate:,.0f} img/s"
 
 
 def _epoch_line(record: dict[str, float]) -> str:

@@ -14,6 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "model", nargs="?", help="model file (.safetensors or exported .onnx; default: bundled)"
     )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     add_data_arguments(parser)
     parser.set_defaults(handler=run_evaluate)
 
@@ -23,7 +24,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from digitlab.evaluate import evaluate, format_evaluation
     from digitlab.predict import load_recognizer
 
-    recognizer = load_recognizer(args.model)
+    recognizer = load_recognizer(args.model, device=args.device)
     _, (x_test, y_test) = load_mnist(args.data_dir, dataset=args.dataset)
     evaluation = evaluate(recognizer, x_test, y_test)
     if args.json:

@@ -1,0 +1,120 @@
+"""Training settings: each declared once, with its type, default, help, check and whether it
+changes the sequence of weights. `digitlab train`'s options and the checks are derived from them.
+
+This module imports no PyTorch, so the command line can build its options quickly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from digitlab.errors import DigitlabError
+
+SCHEDULES = ("constant", "onecycle", "cosine")
+
+# The lab: SGD at 0.1 without momentum, batch 32, one epoch (TrainConfig's defaults).
+# The best recipe: same network, settings chosen on a validation split (benchmarks/tune_best.py, README).
+RECIPES: dict[str, dict[str, Any]] = {
+    "lab": {},
+    "best": {
+        "epochs": 20,
+        "batch_size": 128,
+        "lr": 0.2,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 5e-4,
+        "label_smoothing": 0.1,
+        "schedule": "onecycle",
+        "augment": True,
+        "elastic": 34.0,
+        "clean_epochs": 5,
+    },
+}
+
+TRAINING_PRECISIONS = ("auto", "fp32", "bf16")  # no fp16: it would need loss scaling (a GradScaler)
+
+
+def setting(default: Any, help: str, *, trajectory: bool = False, check: tuple[Any, str] | None = None,
+            metavar: str | None = None) -> Any:  # fmt: skip
+    """A `TrainConfig` field declared once: its default, help text, whether it changes the
+    sequence of weights, and its check (a predicate on the value and what it must be)."""
+    metadata = {"help": help, "trajectory": trajectory, "check": check, "metavar": metavar}
+    return field(default=default, metadata=metadata)
+
+
+def _one_of(choices: tuple[str, ...]) -> tuple[Any, str]:
+    return (lambda value: value in choices), f"one of {', '.join(choices)}"
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting, as plain values. The defaults are the lab's recipe.
+
+    Each field is declared once with `setting`: `digitlab train`'s options,
+    `TRAJECTORY_KEYS` and `validate` are derived from these declarations.
+    """
+
+    recipe: str = setting("lab", "lab (the seed lab, default) or best (highest accuracy)",
+                          check=_one_of(tuple(RECIPES)))  # fmt: skip
+    epochs: int = setting(1, "passes over the training set", trajectory=True, check=(lambda v: v >= 1, "at least 1"))
+    batch_size: int = setting(32, "images per step (per process under torchrun)", trajectory=True,
+                              check=(lambda v: v >= 1, "at least 1"))  # fmt: skip
+    lr: float = setting(0.1, "peak learning rate", trajectory=True, check=(lambda v: v > 0, "positive"))
+    momentum: float = setting(0.0, "SGD momentum", trajectory=True, check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    nesterov: bool = setting(False, "Nesterov momentum (needs --momentum > 0)", trajectory=True)
+    weight_decay: float = setting(0.0, "L2 penalty on conv and dense kernels", trajectory=True,
+                                  check=(lambda v: v >= 0, ">= 0"))  # fmt: skip
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", trajectory=True,
+                                     check=(lambda v: 0 <= v < 1, "in [0, 1)"))  # fmt: skip
+    schedule: str = setting("constant", "learning-rate schedule: constant, onecycle or cosine", trajectory=True,
+                            check=_one_of(SCHEDULES))  # fmt: skip
+    augment: bool = setting(False, "random small shifts, rotations and scaling of each batch", trajectory=True)
+    elastic: float = setting(0.0, "with --augment: also elastic distortion of about PIXELS (Simard's 34)",
+                             trajectory=True, check=(lambda v: v >= 0, ">= 0 pixels"), metavar="PIXELS")  # fmt: skip
+    clean_epochs: int = setting(0, "with --augment: train the last N epochs on unaltered images", trajectory=True,
+                                check=(lambda v: v >= 0, ">= 0"), metavar="N")  # fmt: skip
+    seed: int | None = setting(None, "makes the run reproducible (default: random, recorded)", trajectory=True)
+    precision: str = setting("auto", "auto (bf16 where the CPU runs it natively, else fp32), fp32 or bf16",
+                             trajectory=True, check=_one_of(TRAINING_PRECISIONS))  # fmt: skip
+    compile: bool = setting(False, "use torch.compile")
+    channels_last: bool = setting(True, "channels-last memory layout")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+    checkpoint_every: int = setting(0, "also checkpoint every N steps", check=(lambda v: v >= 0, ">= 0 steps"),
+                                    metavar="N")  # fmt: skip
+    keep_checkpoints: int = setting(2, "how many checkpoints to keep", check=(lambda v: v >= 1, "at least 1"))
+    early_stopping: int = setting(0, "stop after PATIENCE epochs without validation improvement",
+                                  check=(lambda v: v >= 0, ">= 0"), metavar="PATIENCE")  # fmt: skip
+    restore_best: bool = setting(False, "end with the weights of the best validation epoch")
+
+    @classmethod
+    def from_recipe(cls, recipe: str = "lab", **overrides: Any) -> TrainConfig:
+        """A recipe's settings, with any of them overridden (None means keep the recipe's)."""
+        if recipe not in RECIPES:
+            raise DigitlabError(f"unknown recipe {recipe!r}; use one of {', '.join(RECIPES)}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise DigitlabError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+        values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+        config = cls(recipe=recipe, **values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise `DigitlabError` naming the first setting that is not allowed, and what it must be."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            option = "--" + f.name.replace("_", "-")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DigitlabError(f"{option} must be a finite number, got {value}")
+            check = f.metadata["check"]
+            if value is not None and check is not None and not check[0](value):
+                raise DigitlabError(f"{option} must be {check[1]}, got {value!r}")
+        if self.nesterov and self.momentum == 0:
+            raise DigitlabError("Nesterov momentum needs --momentum > 0")
+
+
+# Settings that change the sequence of weights; a checkpoint only resumes a run that agrees on them.
+TRAJECTORY_KEYS = tuple(f.name for f in fields(TrainConfig) if f.metadata["trajectory"])
