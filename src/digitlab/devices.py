@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 from contextlib import AbstractContextManager, nullcontext
@@ -101,6 +102,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
+@functools.cache  # a process-wide setting: once is enough
 def keep_freed_memory() -> None:
     """Let the process reuse the memory a training step frees instead of handing it back to the OS.
 

@@ -124,7 +124,7 @@ def prepare_image(source: ImageSource, index: int = 0) -> ImagePrediction:
 
 
 def classify(
-    recognizer: Recognizer,
+    recognizer: DigitRecognizer,
     results: list[ImagePrediction],
     top_k: int = 3,
     min_confidence: float = DEFAULT_MIN_CONFIDENCE,

@@ -175,8 +175,7 @@ def run_training(
     if main and progress:
         print(summary(model))
         print(f"Training on {len(x_fit):,} images ({dataset}), run directory {run_dir}")
-        _, reason = devices.choose_precision(config.precision, setup.device)
-        print(f"Precision {setup.precision} on {setup.device}: {reason}")
+        print(f"Precision {setup.precision} on {setup.device}: {setup.precision_reason}")
     started = time.perf_counter()
     history = train(
         model, x_fit, y_fit, config, validation=validation,

@@ -183,6 +183,7 @@ class Setup:
     ranks: devices.Ranks
     seed: int
     precision: str
+    precision_reason: str  # why `precision` was chosen, as `digitlab train` reports it
 
 
 def resolve_setup(config: TrainConfig) -> Setup:
@@ -192,7 +193,7 @@ def resolve_setup(config: TrainConfig) -> Setup:
     seed = config.seed
     if seed is None:  # every rank must shuffle alike: rank 0 chooses, and the run records it
         seed = devices.broadcast_object(int(np.random.SeedSequence().entropy % (2**31 - 1)))
-    return Setup(device, ranks, seed, devices.resolve_precision(config.precision, device))
+    return Setup(device, ranks, seed, *devices.choose_precision(config.precision, device))
 
 
 @dataclass
