@@ -162,8 +162,9 @@ def test_non_finite_settings_are_refused_before_anything_happens(option, value, 
         (["-o", "model.pt"], "model files end in .safetensors, got model.pt"),
         (["--precision", "fp16"], "--precision must be one of auto, fp32, bf16, got 'fp16'"),
         (["--device", "cuda:7"], "device 'cuda:7'"),
+        (["--early-stopping", "2"], "need a validation split"),
     ],
-    ids=["wrong-suffix", "fp16", "absent-device"],
+    ids=["wrong-suffix", "fp16", "absent-device", "early-stopping-without-validation"],
 )
 def test_bad_options_fail_before_data_loading_and_leave_no_run_directory(args, phrase, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

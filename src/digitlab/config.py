@@ -115,6 +115,13 @@ class TrainConfig:
         if self.nesterov and self.momentum == 0:
             raise DigitlabError("Nesterov momentum needs --momentum > 0")
 
+    def check_needs(self, *, validation: bool, checkpoints: bool) -> None:
+        """Refuse settings that need a validation split or a checkpoint directory the run does not have."""
+        if (self.early_stopping or self.restore_best) and not validation:
+            raise DigitlabError("early stopping and --restore-best need a validation split (--val-split)")
+        if self.restore_best and not checkpoints:
+            raise DigitlabError("--restore-best needs a checkpoint directory to keep the best model in")
+
 
 # Settings that change the sequence of weights; a checkpoint only resumes a run that agrees on them.
 TRAJECTORY_KEYS = tuple(f.name for f in fields(TrainConfig) if f.metadata["trajectory"])

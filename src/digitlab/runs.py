@@ -78,14 +78,19 @@ def array_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
     return {name: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for name, a in arrays.items()}
 
 
+def check_val_split(fraction: float) -> None:
+    """A validation fraction is 0 (no split) or strictly between 0 and 1."""
+    if not (fraction == 0 or 0 < fraction < 1):
+        raise DigitlabError(f"--val-split must be between 0 and 1 (exclusive), got {fraction}")
+
+
 def split_validation(
     x: np.ndarray, y: np.ndarray, fraction: float
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
     """Hold out the last `fraction` of the training set for validation, as Keras' validation_split."""
+    check_val_split(fraction)
     if fraction == 0:
         return (x, y), None
-    if not 0 < fraction < 1:
-        raise DigitlabError(f"--val-split must be between 0 and 1 (exclusive), got {fraction}")
     cut = len(x) - int(round(len(x) * fraction))
     if cut <= 0 or cut >= len(x):
         raise DigitlabError(f"--val-split {fraction} leaves no training or no validation images")
@@ -147,11 +152,11 @@ def run_training(
     """
     if limit is not None and limit < 1:
         raise DigitlabError(f"--limit must be at least 1 image, got {limit}")
-    if not 0 <= val_split < 1:
-        raise DigitlabError(f"--val-split must be between 0 and 1 (exclusive), got {val_split}")
+    check_val_split(val_split)
     if output is not None:
         check_model_path(output)
     config.validate()
+    config.check_needs(validation=val_split > 0, checkpoints=True)
     setup = resolve_setup(config)
     config = replace(config, seed=setup.seed)
     main = setup.ranks.is_main

@@ -220,9 +220,9 @@ class _Run:
     images: torch.Tensor
     labels: torch.Tensor
     steps_per_epoch: int
-    checkpoints: Checkpoints | None
-    validation: tuple[np.ndarray, np.ndarray] | None
-    progress: bool
+    checkpoints: Checkpoints | None = None
+    validation: tuple[np.ndarray, np.ndarray] | None = None
+    progress: bool = True
     history: History = field(default_factory=History)
     best: dict[str, Any] = field(default_factory=lambda: {"epoch": -1, "val_accuracy": -1.0})
 
@@ -261,13 +261,10 @@ def train(
     """
     config = config or TrainConfig()
     config.validate()
-    if (config.early_stopping or config.restore_best) and validation is None:
-        raise DigitlabError("early stopping and --restore-best need a validation split (--val-split)")
-    if config.restore_best and checkpoints is None:
-        raise DigitlabError("--restore-best needs a checkpoint directory to keep the best model in")
+    config.check_needs(validation=validation is not None, checkpoints=checkpoints is not None)
     setup = setup or resolve_setup(config)
-    run = _prepare(model, x_train, y_train, replace(config, seed=setup.seed), setup, checkpoints)
-    run.validation, run.progress = validation, progress
+    run = _prepare(model, x_train, y_train, replace(config, seed=setup.seed), setup)
+    run.checkpoints, run.validation, run.progress = checkpoints, validation, progress
     position = _resume(run) if resume else Position()
     for epoch in range(position.epoch, config.epochs):
         sums, seconds = _train_epoch(run, position if epoch == position.epoch else Position(epoch))
@@ -292,7 +289,6 @@ def _prepare(
     y_train: np.ndarray | torch.Tensor,
     config: TrainConfig,
     setup: Setup,
-    checkpoints: Checkpoints | None,
 ) -> _Run:
     """Data on the device, the model laid out and wrapped (DDP, compile), the optimizer, the step count."""
     devices.keep_freed_memory()
@@ -309,11 +305,8 @@ def _prepare(
     if config.compile:
         net = torch.compile(net)
     order_len = len(epoch_order(images.shape[0], setup.seed, 0, setup.ranks))
-    return _Run(
-        config, setup, model, net, _make_optimizer(model, config), images, labels,
-        steps_per_epoch=math.ceil(order_len / config.batch_size), checkpoints=checkpoints,
-        validation=None, progress=True,
-    )  # fmt: skip
+    steps_per_epoch = math.ceil(order_len / config.batch_size)
+    return _Run(config, setup, model, net, _make_optimizer(model, config), images, labels, steps_per_epoch)
 
 
 def _resume(run: _Run) -> Position:
