@@ -262,3 +262,26 @@ def test_the_callers_config_is_not_changed_by_a_run(tmp_path):
     result = run_training(config, data_dir=mnist_dir(), limit=64, runs_dir=tmp_path, progress=False)
     assert config.seed is None
     assert isinstance(result.card["config"]["seed"], int)
+
+
+# --device on the commands that run a network
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "serve"])
+def test_commands_that_run_the_network_take_a_device(command, tmp_path, capsys, monkeypatch):
+    picture = tmp_path / "seven.png"
+    Image.new("L", (28, 28), 0).save(picture)
+    operands = {"evaluate": ["--data-dir", str(tmp_path / "no-data")], "predict": [str(picture)], "serve": []}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([command, *operands[command], "--device", "cuda"]) == 2
+    one_error_line(capsys, "device 'cuda' asked for, but CUDA is not available; use --device cpu")
+
+
+def test_predict_on_the_cpu_device_reads_the_digits(mnist, tmp_path, capsys):
+    from image_factory import write_digit_files
+
+    _, (x, y) = mnist
+    paths = write_digit_files(x[:8], tmp_path, "black_on_white")
+    assert main(["predict", *map(str, paths), "--device", "cpu", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert sum(record["digit"] == int(label) for record, label in zip(records, y[:8])) >= 6

@@ -280,7 +280,7 @@ def send_while_the_first_batch_runs(model_path, bodies, monkeypatch, poison_blan
             time.sleep(0.01)
         for thread in threads[1:]:
             thread.start()
-        while app.state.batcher.queue.qsize() < len(bodies) - 1 and time.monotonic() < deadline:
+        while app.state.service.batcher.queue.qsize() < len(bodies) - 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         release.set()
         for thread in threads:

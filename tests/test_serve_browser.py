@@ -67,3 +67,27 @@ def test_draw_digits_on_the_page_and_read_them(bundled_model_path, mnist, tmp_pa
     for name in ("one.png", "seven.png", "photo-read.png"):
         assert (tmp_path / name).stat().st_size > 10_000
     assert '"POST /v1/predict?return_image=true HTTP/1.1" 200' in server.output()
+
+
+def test_the_page_asks_once_for_the_api_key_of_a_server_that_needs_one(bundled_model_path, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    key = "page-test-key-7"
+    with running_server(bundled_model_path, tmp_path, "--api-key", key) as server, sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        page = browser.new_page(viewport={"width": 1000, "height": 720})
+        asked: list[str] = []
+
+        def answer(dialog) -> None:
+            asked.append(dialog.message)
+            dialog.accept(key)
+
+        page.on("dialog", answer)
+        page.goto(server.url)
+        page.wait_for_function("document.querySelector('#model').textContent.includes('parameters')")
+        draw(page, "1")
+        assert wait_for_prediction(page) == "1"
+        assert asked == ["This digitlab server needs its API key:"]  # once, for the card and every prediction
+        browser.close()
+    log = server.output()
+    assert '"GET /v1/model HTTP/1.1" 401' in log and '"GET /v1/model HTTP/1.1" 200' in log

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import h11
 import numpy as np
 import torch
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -46,9 +46,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from digitlab.errors import DigitlabError
+from digitlab.inference import DigitRecognizer
 from digitlab.predict import (
     ImagePrediction,
-    Recognizer,
     bundled_model_path,
     classify,
     load_recognizer,
@@ -231,7 +231,7 @@ class Batcher:
     requests), new requests queue up; when it finishes, all of them form the next batch.
     """
 
-    def __init__(self, recognizer: Recognizer) -> None:
+    def __init__(self, recognizer: DigitRecognizer) -> None:
         self.recognizer = recognizer
         self.queue: asyncio.Queue[tuple[list[ImagePrediction], asyncio.Future[None]]] = asyncio.Queue()
 
@@ -264,6 +264,17 @@ class Batcher:
                 future.set_result(None)
 
 
+@dataclass
+class Service:
+    """What the routes of one app share: the model, the request limits, and (once started) the batcher and pool."""
+
+    recognizer: DigitRecognizer
+    model_name: str
+    limits: Limits
+    batcher: Batcher | None = None
+    pool: ThreadPoolExecutor | None = None
+
+
 def create_app(
     model_path: str | os.PathLike | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
@@ -271,112 +282,128 @@ def create_app(
     limits: Limits | None = None,
     api_key: str | None = None,
     trusted_hosts: list[str] | None = None,
+    device: str = "cpu",
 ) -> FastAPI:
-    """The digitlab web service around one model (None: the bundled one), loaded now.
+    """The digitlab web service around one model (None: the bundled one), loaded now on `device`.
 
     `limits` (default: `max_body_bytes`, `max_images` and the module's other
     limits) bound each request; with `api_key`, /v1/ routes need it;
     `trusted_hosts` (None: any) are the Host names accepted. Raises
     DigitlabError when the model cannot be loaded, so a server never starts without one.
     """
-    limits = limits or Limits(max_body_bytes=max_body_bytes, max_images=max_images)
-    recognizer = load_recognizer(model_path)
     model_name = Path(model_path).name if model_path is not None else bundled_model_path().name
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # The network reads small batches: threads of one operator only wait for each other (tens of
-        # ms on a busy machine); cores are used by the preprocessing pool and by --workers instead.
-        torch.set_num_threads(1)
-        await run_in_threadpool(recognizer.predict, np.zeros((1, 28, 28), dtype=np.uint8))  # warm up
-        batcher = Batcher(recognizer)
-        task = asyncio.create_task(batcher.run())
-        pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="digitlab-preprocess")
-        app.state.pool, app.state.batcher = pool, batcher
-        yield
-        app.state.batcher = None
-        task.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
-
+    service = Service(
+        recognizer=load_recognizer(model_path, device=device),
+        model_name=model_name,
+        limits=limits or Limits(max_body_bytes=max_body_bytes, max_images=max_images),
+    )
     app = FastAPI(
         title="digitlab",
         summary="Read handwritten digits with the digitlab CNN.",
         version="1",
-        lifespan=lifespan,
+        lifespan=running,
     )
-    app.state.batcher = None
-    app.add_middleware(RequestGuard, limits=limits, api_key=api_key)
+    app.state.service = service
+    app.add_middleware(RequestGuard, limits=service.limits, api_key=api_key)
     if trusted_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html")
-
-    @app.get("/healthz", summary="The process is up")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", summary="The model is loaded and warmed up: requests will be served")
-    async def readyz() -> JSONResponse:
-        if app.state.batcher is None:
-            return JSONResponse({"status": "starting"}, status_code=503)
-        return JSONResponse({"status": "ready", "model": model_name})
-
-    @app.get("/v1/model", summary="The model card: architecture, parameters, training, test accuracy")
-    async def model_card() -> dict[str, Any]:
-        return {"file": model_name, **public_card(recognizer.card)}
-
-    @app.post(
-        "/v1/predict",
-        response_model=PredictResponse,
-        summary="Predict the digit in each image",
-        description="Send image files as multipart/form-data (field `files`, one or more PNG, JPEG, "
-        'BMP, GIF, TIFF or WebP files), or JSON `{"images": [[[row of 0-255 values], ...], ...]}` '
-        f"with greyscale pixel arrays of any size. At most {limits.max_images} images, "
-        f"{limits.max_body_bytes} bytes, {MAX_PIXELS:,} pixels per image and "
-        f"{limits.max_request_pixels:,} per request. Images are preprocessed as MNIST digits "
-        "(polarity, crop, 20-pixel box, centre of mass) exactly as by `digitlab predict`.",
-        openapi_extra={"requestBody": PREDICT_REQUEST_BODY},
-        responses={
-            401: {"description": "the server needs an API key and the request has none or a wrong one"},
-            408: {"description": "the client paused sending its body for too long"},
-            413: {"description": "body too large, too many images or pixels, or over the time budget"},
-            415: {"description": "neither multipart/form-data nor JSON"},
-            422: {"description": "not an image, or malformed JSON"},
-            503: {"description": "the server is starting, stopping or at its connection limit"},
-        },
-    )
-    async def predict_endpoint(
-        request: Request,
-        return_image: bool = Query(False, description="also return the 28×28 images the model saw"),
-    ) -> PredictResponse:
-        batcher: Batcher | None = app.state.batcher
-        if batcher is None:
-            raise HTTPException(503, "the model is not ready yet; retry in a moment")
-        content_type = request.headers.get("content-type", "")
-        deadline = time.monotonic() + limits.time_budget
-        if content_type.startswith("multipart/form-data"):
-            names, uploads = await uploaded_files(request, limits.max_images)
-            prepared = await in_pool(app, prepare_uploads, names, uploads, limits, deadline)
-        elif content_type.startswith("application/json"):
-            body = await request.body()
-            asked, prepared = await in_pool(app, prepare_pixel_arrays, body, limits, deadline)
-            return_image = return_image or asked
-        else:
-            raise HTTPException(
-                415, 'send images as multipart/form-data (field "files") or as JSON {"images": [...]}'
-            )
-        await batcher.predict(prepared)
-        return PredictResponse(predictions=[image_result(result, return_image) for result in prepared])
-
+    app.include_router(router)
     return app
 
 
-async def in_pool(app: FastAPI, function: Callable[..., T], *args: Any) -> T:
-    """Run `function(*args)` in the app's preprocessing pool, off the event loop and the batcher."""
-    return await asyncio.get_running_loop().run_in_executor(app.state.pool, function, *args)
+@asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[None]:
+    """The app's lifespan: warm the network up, start the batcher and the preprocessing pool; stop them."""
+    service: Service = app.state.service
+    # The network reads small batches: threads of one operator only wait for each other (tens of
+    # ms on a busy machine); cores are used by the preprocessing pool and by --workers instead.
+    torch.set_num_threads(1)
+    await run_in_threadpool(service.recognizer.predict, np.zeros((1, 28, 28), dtype=np.uint8))
+    service.pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="digitlab-preprocess")
+    service.batcher = Batcher(service.recognizer)
+    task = asyncio.create_task(service.batcher.run())
+    yield
+    service.batcher = None
+    task.cancel()
+    service.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def current_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+router = APIRouter()
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html")
+
+
+@router.get("/healthz", summary="The process is up")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="The model is loaded and warmed up: requests will be served")
+async def readyz(service: Service = Depends(current_service)) -> JSONResponse:
+    if service.batcher is None:
+        return JSONResponse({"status": "starting"}, status_code=503)
+    return JSONResponse({"status": "ready", "model": service.model_name})
+
+
+@router.get("/v1/model", summary="The model card: architecture, parameters, training, test accuracy")
+async def model_card(service: Service = Depends(current_service)) -> dict[str, Any]:
+    return {"file": service.model_name, **public_card(service.recognizer.card)}
+
+
+@router.post(
+    "/v1/predict",
+    response_model=PredictResponse,
+    summary="Predict the digit in each image",
+    description="Send image files as multipart/form-data (field `files`, one or more PNG, JPEG, "
+    'BMP, GIF, TIFF or WebP files), or JSON `{"images": [[[row of 0-255 values], ...], ...]}` '
+    f"with greyscale pixel arrays of any size. By default at most {MAX_IMAGES} images, "
+    f"{MAX_BODY_BYTES} bytes, {MAX_PIXELS:,} pixels per image and {MAX_REQUEST_PIXELS:,} per request "
+    "(`digitlab serve` options change them). Images are preprocessed as MNIST digits "
+    "(polarity, crop, 20-pixel box, centre of mass) exactly as by `digitlab predict`.",
+    openapi_extra={"requestBody": PREDICT_REQUEST_BODY},
+    responses={
+        401: {"description": "the server needs an API key and the request has none or a wrong one"},
+        408: {"description": "the client paused sending its body for too long"},
+        413: {"description": "body too large, too many images or pixels, or over the time budget"},
+        415: {"description": "neither multipart/form-data nor JSON"},
+        422: {"description": "not an image, or malformed JSON"},
+        503: {"description": "the server is starting, stopping or at its connection limit"},
+    },
+)
+async def predict_endpoint(
+    request: Request,
+    return_image: bool = Query(False, description="also return the 28×28 images the model saw"),
+    service: Service = Depends(current_service),
+) -> PredictResponse:
+    batcher, limits = service.batcher, service.limits
+    if batcher is None:
+        raise HTTPException(503, "the model is not ready yet; retry in a moment")
+    content_type = request.headers.get("content-type", "")
+    deadline = time.monotonic() + limits.time_budget
+    if content_type.startswith("multipart/form-data"):
+        names, uploads = await uploaded_files(request, limits.max_images)
+        prepared = await in_pool(service, prepare_uploads, names, uploads, limits, deadline)
+    elif content_type.startswith("application/json"):
+        body = await request.body()
+        asked, prepared = await in_pool(service, prepare_pixel_arrays, body, limits, deadline)
+        return_image = return_image or asked
+    else:
+        raise HTTPException(415, 'send images as multipart/form-data (field "files") or as JSON {"images": [...]}')
+    await batcher.predict(prepared)
+    return PredictResponse(predictions=[image_result(result, return_image) for result in prepared])
+
+
+async def in_pool(service: Service, function: Callable[..., T], *args: Any) -> T:
+    """Run `function(*args)` in the service's preprocessing pool, off the event loop and the batcher."""
+    return await asyncio.get_running_loop().run_in_executor(service.pool, function, *args)
 
 
 def create_app_from_environment() -> FastAPI:
@@ -387,6 +414,7 @@ def create_app_from_environment() -> FastAPI:
         limits=Limits(**settings["limits"]),
         api_key=settings["api_key"],
         trusted_hosts=settings["trusted_hosts"],
+        device=settings["device"],
     )
 
 
@@ -589,6 +617,7 @@ def serve(
     trusted_hosts: list[str] | None = None,
     limits: Limits | None = None,
     max_connections: int = MAX_CONNECTIONS,
+    device: str = "cpu",
 ) -> None:
     """Serve the API and the page with uvicorn until SIGINT or SIGTERM, then return.
 
@@ -596,7 +625,7 @@ def serve(
     environment variable) or `open_access`. `trusted_hosts` (default: the
     loopback names and `host`; any for a wildcard host) are the Host header
     values accepted. The model is loaded (and so checked) before anything
-    listens; each worker process loads its own copy.
+    listens; each worker process loads its own copy, on `device`.
     """
     import uvicorn
     from uvicorn.supervisors import Multiprocess
@@ -616,7 +645,7 @@ def serve(
         )
     trusted_hosts = trusted_hosts or default_trusted_hosts(host)
     settings = {"model": str(model) if model is not None else None, "limits": asdict(limits),
-                "api_key": api_key, "trusted_hosts": trusted_hosts}  # fmt: skip
+                "api_key": api_key, "trusted_hosts": trusted_hosts, "device": device}  # fmt: skip
     options = {
         "log_level": "info",
         "http": H11WithHeaderTimeout,
@@ -625,10 +654,10 @@ def serve(
         "limit_concurrency": max_connections,
     }
     if workers == 1:
-        app = create_app(model, limits=limits, api_key=api_key, trusted_hosts=trusted_hosts)
+        app = create_app(model, limits=limits, api_key=api_key, trusted_hosts=trusted_hosts, device=device)
         config = uvicorn.Config(app, **options)
     else:
-        load_recognizer(model)  # fail here, with a clear message, rather than in every worker
+        load_recognizer(model, device=device)  # fail here, with a clear message, rather than in every worker
         os.environ[SETTINGS_ENVIRONMENT_VARIABLE] = json.dumps(settings)
         config = uvicorn.Config(f"{__name__}:create_app_from_environment", factory=True, workers=workers, **options)
     listener = listen(host, port)

@@ -17,6 +17,15 @@ from digitlab import __version__
 from digitlab.errors import DigitlabError
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """The --device option of the commands that run a network."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where the network runs: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps (default: auto)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="digitlab",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from digitlab.cli import add_device_argument
 from digitlab.cli.data import add_data_arguments
 
 
@@ -14,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "model", nargs="?", help="model file (.safetensors or exported .onnx; default: bundled)"
     )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
+    add_device_argument(parser)
     add_data_arguments(parser)
     parser.set_defaults(handler=run_evaluate)
 

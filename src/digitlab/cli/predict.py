@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
+from digitlab.cli import add_device_argument
 from digitlab.errors import DigitlabError
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write the 28×28 images the model saw to DIR as PNG files",
     )
     parser.add_argument("--batch-size", type=int, default=256, help="pictures per network batch (default 256)")
+    add_device_argument(parser)
     parser.set_defaults(handler=run_predict)
 
 
@@ -88,7 +90,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if not 0.0 <= min_confidence <= 1.0:
         raise DigitlabError(f"--min-confidence must be between 0 and 1, got {min_confidence}")
     files, refused = collect_sources(args.paths)
-    recognizer = load_recognizer(args.model)
+    recognizer = load_recognizer(args.model, device=args.device)
     readable = [path for path in files if path not in refused]
     predicted = iter(
         predict_images(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from digitlab.cli import add_device_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from digitlab.serve import CLIENT_TIMEOUT, MAX_CONNECTIONS, TIME_BUDGET
@@ -58,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="seconds a client may take to send its headers or pause within its body, and an idle "
         f"connection stays open (default {CLIENT_TIMEOUT:g})",
     )
+    add_device_argument(parser)
     parser.set_defaults(handler=run_serve)
 
 
@@ -74,5 +77,6 @@ def run_serve(args: argparse.Namespace) -> int:
         trusted_hosts=args.trusted_host,
         limits=Limits(time_budget=args.time_budget, client_timeout=args.client_timeout),
         max_connections=args.max_connections,
+        device=args.device,
     )
     return 0

@@ -169,6 +169,22 @@ function canvasBlob() {
   return new Promise((resolve) => pad.toBlob(resolve, "image/png"));
 }
 
+// A server started with --api-key answers 401 without it: the page asks for the key once and keeps it
+// for this tab only (sessionStorage), sending it as the X-API-Key header.
+const API_KEY_ITEM = "digitlab-api-key";
+
+async function apiFetch(url, options = {}) {
+  for (;;) {
+    const key = sessionStorage.getItem(API_KEY_ITEM);
+    const response = await fetch(url, { ...options, headers: key ? { "X-API-Key": key } : {} });
+    if (response.status !== 401) return response;
+    if (sessionStorage.getItem(API_KEY_ITEM) !== key) continue; // another request was given the key meanwhile
+    const entered = (window.prompt("This digitlab server needs its API key:") ?? "").trim();
+    if (!entered || entered === key) return response;
+    sessionStorage.setItem(API_KEY_ITEM, entered);
+  }
+}
+
 async function requestPrediction() {
   firstChangeAt = null;
   if (!hasInk && !uploaded) return;
@@ -184,7 +200,7 @@ async function requestPrediction() {
     const form = new FormData();
     if (uploaded) form.append("files", uploaded, uploaded.name);
     else form.append("files", await canvasBlob(), "drawing.png");
-    const response = await fetch(PREDICT_URL, { method: "POST", body: form });
+    const response = await apiFetch(PREDICT_URL, { method: "POST", body: form });
     const body = await response.json();
     if (forVersion === version) {
       if (!response.ok) throw new Error(typeof body.detail === "string" ? body.detail : response.statusText);
@@ -271,7 +287,7 @@ document.getElementById("clear").addEventListener("click", clearAll);
 async function showModelCard() {
   const line = document.getElementById("model");
   try {
-    const response = await fetch("/v1/model");
+    const response = await apiFetch("/v1/model");
     const card = await response.json();
     const parts = [`model ${card.name ?? "unnamed"}`];
     if (card.parameters) parts.push(`${card.parameters.total.toLocaleString("en")} parameters`);
