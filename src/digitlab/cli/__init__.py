@@ -3,7 +3,8 @@
 Each module in this package defines ``register(subparsers)``, which adds its
 commands; a command's handler is stored as the parser default ``handler`` and
 receives the parsed arguments. Modules are discovered, so adding a command
-group means adding one file here.
+group means adding one file here (modules named with a leading underscore hold
+shared options instead).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pkgutil
 import sys
 
 from digitlab import __version__
+from digitlab.cli._options import merge_model_argument
 from digitlab.errors import DigitlabError
 
 
@@ -22,9 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="digitlab",
         description="Train, evaluate, explain, serve and export a handwritten-digit CNN.",
     )
-    parser.add_argument("--version", action="version", version=f"digitlab {__version__}")
+    parser.add_argument("--version", action="version", version=f"digitlab {__version__}",
+                        help="print the version and exit")  # fmt: skip
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if module_info.name.startswith("_"):
+            continue
         importlib.import_module(f"{__name__}.{module_info.name}").register(subparsers)
     return parser
 
@@ -40,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        merge_model_argument(args)
         status = args.handler(args)
     except DigitlabError as error:
         print(f"digitlab: error: {error}", file=sys.stderr)
