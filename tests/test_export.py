@@ -187,7 +187,7 @@ def test_a_missing_onnx_file_gives_a_clear_error(tmp_path):
 def test_an_onnx_model_of_another_network_is_refused(tmp_path):
     other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5))
     path = tmp_path / "other.onnx"
-    torch.onnx.export(other, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=True, input_names=["x"])
+    torch.onnx.export(other.eval(), (torch.zeros(1, 3, 32, 32),), str(path), dynamo=True, input_names=["x"])
     with pytest.raises(DigitlabError, match="not a digit recognizer"):
         load_onnx_recognizer(path)
 
