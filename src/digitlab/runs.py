@@ -34,7 +34,15 @@ from digitlab.errors import DigitlabError
 from digitlab.evaluate import Evaluation, evaluate_sharded
 from digitlab.model import build_model, parameter_counts, summary
 from digitlab.serialization import check_model_path, save_model, write_json_atomic, write_text_atomic
-from digitlab.train import Checkpoints, History, TrainConfig, check_val_split, resolve_setup, split_validation, train
+from digitlab.train import (
+    Checkpoints,
+    History,
+    TrainConfig,
+    check_val_split,
+    resolve_setup,
+    split_validation,
+    train,
+)
 
 DEFAULT_RUNS_DIR = Path("runs")
 
