@@ -132,3 +132,16 @@ def test_cli_export_hf_then_evaluate_predict_the_directory(tmp_path, capsys, mni
     Image.fromarray(255 - mnist[1][0][0]).save(tmp_path / "seven.png")
     assert main(["predict", "--model", str(output), str(tmp_path / "seven.png"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["digit"] == int(mnist[1][1][0])
+
+
+def test_serve_answers_with_the_directory(hf_dir, bundled_model_path, mnist):
+    from fastapi.testclient import TestClient
+
+    from digitlab import serve as serve_module
+
+    images, labels = mnist[1][0][:3], mnist[1][1][:3]
+    with TestClient(serve_module.create_app(hf_dir)) as client:
+        assert client.get("/v1/model").json()["name"] == load_model(bundled_model_path)[1]["name"]
+        response = client.post("/v1/predict", json={"images": [image.tolist() for image in images]})
+    assert response.status_code == 200
+    assert [p["digit"] for p in response.json()["predictions"]] == labels.tolist()
