@@ -4,7 +4,11 @@ every option, the recipes and the model argument."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +32,9 @@ def test_bare_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith("usage: digitlab") and "train" in out and "evaluate" in out
 
 
-def all_parsers(parser: argparse.ArgumentParser, name: str = "digitlab") -> list[tuple[str, argparse.ArgumentParser]]:
+def all_parsers(
+    parser: argparse.ArgumentParser, name: str = "digitlab"
+) -> list[tuple[str, argparse.ArgumentParser]]:
     """The parser and every subcommand's parser below it, with the command words that reach it."""
     found = [(name, parser)]
     for action in parser._actions:
@@ -73,7 +79,11 @@ def test_train_help_groups_the_options_and_lists_what_each_recipe_sets(capsys) -
         words = epilog.split(f"{recipe}: ", 1)[1].split(":")[0]
         for key, value in settings.items():
             option = "--" + key.replace("_", "-")
-            expected = (option if value else f"--no-{option[2:]}") if isinstance(value, bool) else f"{option} {value}"
+            expected = (
+                (option if value else f"--no-{option[2:]}")
+                if isinstance(value, bool)
+                else f"{option} {value}"
+            )
             assert f"{expected} " in words + " ", (recipe, expected)
     assert "lab: --epochs 1 --batch-size 32 --lr 0.1" in epilog  # the lab: TrainConfig's defaults
 
@@ -92,3 +102,20 @@ def test_two_different_models_are_refused_in_one_line(capsys) -> None:
     assert capsys.readouterr().err == (
         "digitlab: error: two models given (a.safetensors and --model b.safetensors); pass one, with --model\n"
     )
+
+
+@pytest.mark.parametrize(("line", "expected"), [("digitlab train --rec", {"--recipe"}),
+                                                ("digitlab train --recipe ", set(RECIPES)),
+                                                ("digitlab export --format ", set(FORMATS))])  # fmt: skip
+def test_shell_completion_offers_options_and_choices(tmp_path, line, expected) -> None:
+    import digitlab
+
+    output = tmp_path / "completions"
+    env = {**os.environ, "_ARGCOMPLETE": "1", "COMP_LINE": line, "COMP_POINT": str(len(line)),
+           "_ARGCOMPLETE_STDOUT_FILENAME": str(output),
+           "PYTHONPATH": str(Path(digitlab.__file__).parents[1])}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "digitlab"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert set(re.split(r"[\s\x0b]+", output.read_text().strip())) == expected

@@ -99,7 +99,9 @@ def test_the_readme_snippet_loads_the_weights_without_digitlab(hf_dir, mnist, tm
     assert (digitlab.labels == mnist[1][1][:256]).mean() > 0.9  # a trained model, not a constant answer
 
 
-def test_exporting_again_replaces_an_export_but_never_other_files(hf_dir, bundled_model_path, mnist, tmp_path):
+def test_exporting_again_replaces_an_export_but_never_other_files(
+    hf_dir, bundled_model_path, mnist, tmp_path
+):
     target = tmp_path / "again"
     for _ in range(2):
         export_model(bundled_model_path, target, format="hf", check_images=mnist[1][0][:16])
@@ -116,7 +118,9 @@ def test_exporting_again_replaces_an_export_but_never_other_files(hf_dir, bundle
 def test_a_directory_without_the_files_is_one_clear_error(tmp_path, capsys):
     assert main(["evaluate", "--model", str(tmp_path), "--data-dir", str(mnist_dir())]) == 2
     error = capsys.readouterr().err
-    assert error.startswith(f"digitlab: error: {tmp_path} is a directory without model.safetensors and config.json")
+    assert error.startswith(
+        f"digitlab: error: {tmp_path} is a directory without model.safetensors and config.json"
+    )
     assert error.count("\n") == 1
 
 

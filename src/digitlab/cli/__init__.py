@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (shell completion through argcomplete, where it is installed)
 """The `digitlab` command: a thin layer of argparse over the Python API.
 
 Each module in this package defines ``register(subparsers)``, which adds its
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
+    _complete(parser)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -54,3 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         print("digitlab: interrupted", file=sys.stderr)
         return 130
     return int(status or 0)
+
+
+def _complete(parser: argparse.ArgumentParser) -> None:
+    """Answer the shell's completion request and exit, when argcomplete is installed and the shell asks."""
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)

@@ -17,7 +17,9 @@ MODEL_HELP = (
 _LEGACY_DEST = "model_positional"
 
 
-def add_model_argument(parser: argparse.ArgumentParser, help: str = MODEL_HELP, positional: bool = True) -> None:
+def add_model_argument(
+    parser: argparse.ArgumentParser, help: str = MODEL_HELP, positional: bool = True
+) -> None:
     """Add `--model MODEL` (`args.model`, default None); with `positional`, also the older positional form."""
     parser.add_argument("--model", metavar="MODEL", help=help)
     if positional:
