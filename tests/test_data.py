@@ -74,6 +74,7 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.delenv(data.MIRRORS_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "SYSTEM_DATASETS_DIR", tmp_path / "system")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     return tmp_path / "cache"
 
 
@@ -153,6 +154,64 @@ def test_keras_npz_gives_identical_arrays(tmp_path, genuine):
         assert np.array_equal(expected, actual) and actual.flags.c_contiguous and actual.flags.writeable
     digests = data.verify_dataset(tmp_path)
     assert set(digests) == {f"{tmp_path / 'mnist.npz'}[{key}]" for key in data.ARRAY_FILES}
+
+
+@pytest.mark.parametrize("compressed", [True, False], ids=["gz", "uncompressed"])
+def test_torchvision_layout_below_the_data_directory_is_found(tmp_path, genuine, compressed):
+    raw = tmp_path / "root" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for stem in data.ARRAY_FILES.values():
+        if compressed:
+            (raw / f"{stem}.gz").symlink_to(GENUINE_DIR / f"{stem}.gz")
+        else:
+            (raw / stem).write_bytes(gzip.decompress((GENUINE_DIR / f"{stem}.gz").read_bytes()))
+    assert data.locate_dataset(tmp_path / "root", download=False) == raw
+    loaded = data.load_mnist(tmp_path / "root", download=False)
+    for expected, actual in zip(sum(genuine, ()), sum(loaded, ())):
+        assert np.array_equal(expected, actual)
+
+
+def test_torchvision_layout_with_altered_data_is_refused_in_one_line(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for key, stem in data.ARRAY_FILES.items():
+        if key != "x_test":
+            (raw / f"{stem}.gz").symlink_to(GENUINE_DIR / f"{stem}.gz")
+    images = bytearray(gzip.decompress((GENUINE_DIR / "t10k-images-idx3-ubyte.gz").read_bytes()))
+    images[-1] ^= 0xFF
+    (raw / "t10k-images-idx3-ubyte").write_bytes(images)
+    with pytest.raises(DigitlabError) as raised:
+        data.load_mnist(tmp_path, download=False)
+    message = str(raised.value)
+    assert message.startswith(f"checksum mismatch: {raw / 't10k-images-idx3-ubyte'} does not hold the published")
+    assert "\n" not in message
+
+
+def test_keras_npz_in_keras_home_is_found_without_naming_it(monkeypatch, tmp_path, genuine):
+    (x_train, y_train), (x_test, y_test) = genuine
+    datasets = tmp_path / "keras" / "datasets"
+    datasets.mkdir(parents=True)
+    np.savez(datasets / "mnist.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    monkeypatch.setenv(data.MIRRORS_ENV, "http://127.0.0.1:9/")  # a download would fail
+    assert data.locate_dataset(download=False) == datasets
+    loaded = data.load_mnist(progress=False)
+    for expected, actual in zip(sum(genuine, ()), sum(loaded, ())):
+        assert np.array_equal(expected, actual)
+
+
+def test_keras_npz_with_a_wrong_checksum_is_refused_in_one_line(tmp_path, genuine, capsys):
+    (x_train, y_train), (x_test, y_test) = genuine
+    datasets = tmp_path / "keras" / "datasets"
+    datasets.mkdir(parents=True)
+    altered = x_train.copy()
+    altered[0, 14, 14] ^= 0xFF
+    np.savez(datasets / "mnist.npz", x_train=altered, y_train=y_train, x_test=x_test, y_test=y_test)
+    assert main(["data", "inspect"]) == 2
+    error = capsys.readouterr().err
+    assert error == (
+        f"digitlab: error: checksum mismatch: {datasets / 'mnist.npz'}[x_train] does not hold the published "
+        "mnist data; delete it and run `digitlab data download --dataset mnist`\n"
+    )
 
 
 def test_argument_beats_environment_and_an_empty_environment_directory_is_an_error(monkeypatch, tmp_path):

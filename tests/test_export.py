@@ -1,4 +1,5 @@
-"""ONNX and TorchScript export: parity with PyTorch, dynamic batch, metadata, bad files, CLI."""
+"""ONNX (dynamo exporter) and torch.export (.pt2) export: parity with PyTorch, dynamic batch, metadata,
+bad files, CLI. The Hugging Face layout: tests/test_hub.py."""
 
 from __future__ import annotations
 
@@ -28,12 +29,6 @@ from digitlab.serialization import load_model
 
 CHECK_IMAGES = 1000
 
-# Loading TorchScript and the TorchScript-based ONNX exporter still work in PyTorch 2.13, with notices.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:torch"),
-    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export"),
-]
-
 
 @pytest.fixture(scope="module")
 def test_images(mnist) -> tuple[np.ndarray, np.ndarray]:
@@ -48,9 +43,16 @@ def onnx_export(bundled_model_path, test_images, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def torchscript_export(bundled_model_path, test_images, tmp_path_factory):
-    path = tmp_path_factory.mktemp("torchscript") / "bundled.pt"
-    return export_model(bundled_model_path, path, format="torchscript", check_images=test_images[0])
+def pt2_export(bundled_model_path, test_images, tmp_path_factory):
+    path = tmp_path_factory.mktemp("pt2") / "bundled.pt2"
+    return export_model(bundled_model_path, path, format="pt2", check_images=test_images[0])
+
+
+def pt2_logits(path: Path, images: np.ndarray) -> np.ndarray:
+    """Logits of a .pt2 file run by PyTorch alone, as a user without digitlab would."""
+    module = torch.export.load(str(path)).module()
+    with torch.inference_mode():
+        return module(as_model_input(images)).numpy()
 
 
 def pytorch_logits(model_path: Path, images: np.ndarray) -> np.ndarray:
@@ -83,27 +85,20 @@ def test_onnxruntime_predicts_the_same_digits_as_pytorch(onnx_export, bundled_mo
     assert accuracy > 0.85  # a trained model answering, not a constant digit
 
 
-def test_torchscript_round_trip_matches_pytorch(torchscript_export, bundled_model_path, test_images):
+def test_pt2_round_trip_matches_pytorch(pt2_export, bundled_model_path, test_images):
     images, _ = test_images
-    assert torchscript_export.path.is_file() and torchscript_export.format == "torchscript"
-    assert torchscript_export.max_abs_diff <= PARITY_TOLERANCE
-    module = torch.jit.load(str(torchscript_export.path))
-    with torch.inference_mode():
-        logits = module(as_model_input(images)).numpy()
-    assert np.abs(logits - pytorch_logits(bundled_model_path, images)).max() <= 1e-4
+    assert pt2_export.path.is_file() and pt2_export.format == "pt2"
+    assert pt2_export.max_abs_diff <= PARITY_TOLERANCE and pt2_export.same_labels == CHECK_IMAGES
+    assert np.abs(pt2_logits(pt2_export.path, images) - pytorch_logits(bundled_model_path, images)).max() <= 1e-4
 
 
-@pytest.mark.parametrize("batch", [1, 7])
-def test_exported_models_take_any_batch_size(
-    onnx_export, torchscript_export, bundled_model_path, test_images, batch
-):
+@pytest.mark.parametrize("batch", [1, 7, 300])
+def test_exported_models_take_any_batch_size(onnx_export, pt2_export, bundled_model_path, test_images, batch):
     images = test_images[0][100 : 100 + batch]
     expected = pytorch_logits(bundled_model_path, images)
-    onnx_logits = load_onnx_recognizer(onnx_export.path).logits(images)
-    module = torch.jit.load(str(torchscript_export.path))
-    with torch.inference_mode():
-        script_logits = module(as_model_input(images)).numpy()
-    for logits in (onnx_logits, script_logits):
+    session = load_onnx_recognizer(onnx_export.path).session
+    onnx_logits = session.run(None, {"images": as_model_input(images).numpy()})[0]  # one batch of any size
+    for logits in (onnx_logits, pt2_logits(pt2_export.path, images)):
         assert logits.shape == (batch, 10)
         assert np.abs(logits - expected).max() <= 1e-4
 
@@ -134,10 +129,8 @@ def test_onnx_metadata_holds_the_preprocessing_contract_and_card(onnx_export, bu
     assert recognizer.preprocessing["input_layout"] == "NCHW"
 
 
-def test_torchscript_extra_files_hold_the_preprocessing_contract_and_card(
-    torchscript_export, bundled_model_path
-):
-    metadata = export_metadata(torchscript_export.path)
+def test_pt2_extra_files_hold_the_preprocessing_contract_and_card(pt2_export, bundled_model_path):
+    metadata = export_metadata(pt2_export.path)
     assert metadata["preprocessing"]["input_shape"].startswith("N×1×28×28")
     assert metadata["preprocessing"]["input_scaling"] == "pixel / 255, so values lie in [0, 1]"
     _, card = load_model(bundled_model_path)
@@ -194,7 +187,7 @@ def test_a_missing_onnx_file_gives_a_clear_error(tmp_path):
 def test_an_onnx_model_of_another_network_is_refused(tmp_path):
     other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5))
     path = tmp_path / "other.onnx"
-    torch.onnx.export(other, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False, input_names=["x"])
+    torch.onnx.export(other.eval(), (torch.zeros(1, 3, 32, 32),), str(path), dynamo=True, input_names=["x"])
     with pytest.raises(DigitlabError, match="not a digit recognizer"):
         load_onnx_recognizer(path)
 
@@ -204,8 +197,10 @@ def test_export_refuses_unknown_formats_and_mismatched_names(bundled_model_path,
         export_model(bundled_model_path, tmp_path / "m.tflite", format="tflite")
     with pytest.raises(DigitlabError, match=r"ONNX files end in \.onnx"):
         export_model(bundled_model_path, tmp_path / "m.bin", format="onnx")
-    with pytest.raises(DigitlabError, match="must not end in .onnx"):
-        export_model(bundled_model_path, tmp_path / "m.onnx", format="torchscript")
+    with pytest.raises(DigitlabError, match=r"torch.export files end in \.pt2, got m\.onnx"):
+        export_model(bundled_model_path, tmp_path / "m.onnx", format="pt2")
+    with pytest.raises(DigitlabError, match=r"--format hf writes a directory; pass a directory name without \.onnx"):
+        export_model(bundled_model_path, tmp_path / "m.onnx", format="hf")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -218,7 +213,7 @@ def test_cli_export_then_evaluate_the_onnx_file(bundled_model_path, mnist, tmp_p
     figure = float(printed.split("max abs logit difference ")[1].split()[0])
     assert 0 <= figure <= PARITY_TOLERANCE
 
-    assert main(["evaluate", str(output), "--json", *data]) == 0
+    assert main(["evaluate", "--model", str(output), "--json", *data]) == 0
     onnx_metrics = json.loads(capsys.readouterr().out)
     model, card = load_model(bundled_model_path)
     _, (x_test, y_test) = mnist
@@ -228,11 +223,11 @@ def test_cli_export_then_evaluate_the_onnx_file(bundled_model_path, mnist, tmp_p
     assert onnx_metrics["loss"] == pytest.approx(pytorch_fp32.loss, abs=1e-5)
 
 
-def test_cli_export_torchscript(bundled_model_path, tmp_path, capsys):
-    output = tmp_path / "cli.pt"
-    args = ["export", str(bundled_model_path), "--format", "torchscript", "-o", str(output)]
+def test_cli_export_pt2(bundled_model_path, tmp_path, capsys):
+    output = tmp_path / "cli.pt2"
+    args = ["export", "--model", str(bundled_model_path), "--format", "pt2", "-o", str(output)]
     assert main([*args, "--data-dir", str(mnist_dir())]) == 0
-    assert "(torchscript, dynamic batch size)" in capsys.readouterr().out
+    assert "(pt2, dynamic batch size)" in capsys.readouterr().out
     assert export_metadata(output)["preprocessing"]["input_layout"] == "NCHW"
 
 

@@ -6,8 +6,8 @@ Substitutions, so the suite stays quick and offline:
 - `digitlab train` lines get `--limit 500 --epochs 1 --quiet` appended.
 - `digitlab serve` and `torchrun ... -m digitlab ...` lines start servers or process groups: their
   arguments are parsed by the command line's own parser instead of run.
-- Placeholder files (`scans/`, `photo.jpg`, `runs/x/model.safetensors`, ...) are MNIST test
-  digits, drawn black on white, and the bundled model, in a scratch directory.
+- Placeholder files (`scans/`, `photo.jpg`, `runs/x/model.safetensors`, `digitlab-hf/`, ...) are
+  MNIST test digits, drawn black on white, and the bundled model, in a scratch directory.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ def scratch(tmp_path_factory: pytest.TempPathFactory, mnist, bundled_model_path:
     """A directory holding the files the README's examples name."""
     from PIL import Image
 
+    from digitlab.export import export_model
+
     directory = tmp_path_factory.mktemp("readme")
     (_, _), (x_test, _) = mnist
     pictures = {"three.png": 18, "seven.jpg": 0, "photo.jpg": 1, "sheet.png": 2,
@@ -84,6 +86,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory, mnist, bundled_model_path:
         Image.fromarray(255 - np.kron(x_test[index], np.ones((3, 3), np.uint8))).save(directory / name)
     (directory / "runs" / "x").mkdir(parents=True)
     shutil.copy(bundled_model_path, directory / "runs" / "x" / "model.safetensors")
+    export_model(bundled_model_path, directory / "digitlab-hf", format="hf", check_images=x_test[:50])
     return directory
 
 

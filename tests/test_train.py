@@ -343,3 +343,26 @@ def test_runs_lists_runs_with_their_metrics(small_model_path, capsys):
     assert main(["runs", "--runs-dir", str(small_model_path.parent.parent)]) == 0
     out = capsys.readouterr().out
     assert small_model_path.parent.name in out and "done" in out
+
+
+def test_keras_keywords_and_history_as_a_dict_of_lists(mnist):
+    (x, y), _ = mnist
+    model = build_model(seed=1)
+    history = train(model, x[:500], y[:500], epochs=2, batch_size=50, validation_split=0.2, progress=False)
+    assert [record["samples"] for record in history.epochs] == [400, 400]  # the last 100 held out
+    assert set(history.history) >= {"loss", "accuracy", "val_loss", "val_accuracy", "lr"}
+    assert "epoch" not in history.history
+    assert history.history["val_loss"] == [record["val_loss"] for record in history.epochs]
+    assert len(history.history["loss"]) == 2 and all(v > 0 for v in history.history["val_loss"])
+    # the same keyword as the config is no conflict
+    train(build_model(seed=1), x[:100], y[:100], TrainConfig(batch_size=50), batch_size=50, progress=False)
+
+
+def test_keras_keywords_that_contradict_the_config_are_refused(mnist):
+    (x, y), _ = mnist
+    with pytest.raises(DigitlabError, match=r"train\(\) got epochs=2 \(the config says 1\); set it in the TrainConfig"):
+        train(build_model(), x[:100], y[:100], TrainConfig(epochs=1), epochs=2, progress=False)
+    with pytest.raises(DigitlabError, match="pass validation_split or validation, not both"):
+        train(build_model(), x[:100], y[:100], validation_split=0.1, validation=(x[:10], y[:10]), progress=False)
+    with pytest.raises(DigitlabError, match=r"validation_split must be between 0 and 1 \(exclusive\), got 1.5"):
+        train(build_model(), x[:100], y[:100], validation_split=1.5, progress=False)

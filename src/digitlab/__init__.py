@@ -13,6 +13,7 @@ The lab's steps, as calls::
     model = build_model(seed=0)                            # 4 × (Conv 3×3 + BatchNorm + ReLU), GAP, Dense(10)
     print(summary(model))                                  # Keras-style table: 99,402 parameters
     history = train(model, x_train, y_train, TrainConfig.from_recipe("lab", seed=0))
+    print(history.history["loss"])                         # Keras' dict of lists, one value per epoch
     result = evaluate(model, x_test, y_test)               # .loss, .accuracy, .confusion, .per_class()
     digits = predict(model, x_test[:25]).labels           # logits, probabilities, labels
     plot_imgs(x_test[:25], digits)

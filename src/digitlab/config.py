@@ -36,16 +36,23 @@ RECIPES: dict[str, dict[str, Any]] = {
 TRAINING_PRECISIONS = ("auto", "fp32", "bf16")  # no fp16: it would need loss scaling (a GradScaler)
 
 
-def setting(default: Any, help: str, *, trajectory: bool = False, check: tuple[Any, str] | None = None,
+# The option groups of `digitlab train`, in the order its help shows them.
+GROUPS = ("recipe", "optimisation", "augmentation", "validation", "checkpoints", "reproducibility and speed")
+
+
+def setting(default: Any, help: str, group: str, *, trajectory: bool = False,
+            check: tuple[Any, str] | None = None, choices: tuple[str, ...] | None = None,
             metavar: str | None = None) -> Any:  # fmt: skip
-    """A `TrainConfig` field declared once: its default, help text, whether it changes the
-    sequence of weights, and its check (a predicate on the value and what it must be)."""
-    metadata = {"help": help, "trajectory": trajectory, "check": check, "metavar": metavar}
+    """A `TrainConfig` field declared once: its default, help text, option group, whether it
+    changes the sequence of weights, and its check (a predicate on the value and what it must
+    be; `choices` makes one)."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown option group {group!r}")
+    if choices is not None:
+        check = (lambda value: value in choices), f"one of {', '.join(choices)}"
+    metadata = {"help": help, "group": group, "trajectory": trajectory, "check": check, "choices": choices,
+                "metavar": metavar}  # fmt: skip
     return field(default=default, metadata=metadata)
-
-
-def _one_of(choices: tuple[str, ...]) -> tuple[Any, str]:
-    return (lambda value: value in choices), f"one of {', '.join(choices)}"
 
 
 @dataclass
@@ -56,37 +63,44 @@ class TrainConfig:
     `TRAJECTORY_KEYS` and `validate` are derived from these declarations.
     """
 
-    recipe: str = setting("lab", "lab (the seed lab, default) or best (highest accuracy)",
-                          check=_one_of(tuple(RECIPES)))  # fmt: skip
-    epochs: int = setting(1, "passes over the training set", trajectory=True, check=(lambda v: v >= 1, "at least 1"))
-    batch_size: int = setting(32, "images per step (per process under torchrun)", trajectory=True,
+    recipe: str = setting("lab", "lab (the seed lab, default) or best (highest accuracy); see below", "recipe",
+                          choices=tuple(RECIPES))  # fmt: skip
+    epochs: int = setting(1, "passes over the training set", "optimisation", trajectory=True,
+                          check=(lambda v: v >= 1, "at least 1"))  # fmt: skip
+    batch_size: int = setting(32, "images per step (per process under torchrun)", "optimisation", trajectory=True,
                               check=(lambda v: v >= 1, "at least 1"))  # fmt: skip
-    lr: float = setting(0.1, "peak learning rate", trajectory=True, check=(lambda v: v > 0, "positive"))
-    momentum: float = setting(0.0, "SGD momentum", trajectory=True, check=(lambda v: 0 <= v < 1, "in [0, 1)"))
-    nesterov: bool = setting(False, "Nesterov momentum (needs --momentum > 0)", trajectory=True)
-    weight_decay: float = setting(0.0, "L2 penalty on conv and dense kernels", trajectory=True,
+    lr: float = setting(0.1, "peak learning rate", "optimisation", trajectory=True,
+                        check=(lambda v: v > 0, "positive"))  # fmt: skip
+    momentum: float = setting(0.0, "SGD momentum", "optimisation", trajectory=True,
+                              check=(lambda v: 0 <= v < 1, "in [0, 1)"))  # fmt: skip
+    nesterov: bool = setting(False, "Nesterov momentum (needs --momentum > 0)", "optimisation", trajectory=True)
+    weight_decay: float = setting(0.0, "L2 penalty on conv and dense kernels", "optimisation", trajectory=True,
                                   check=(lambda v: v >= 0, ">= 0"))  # fmt: skip
-    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", trajectory=True,
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", "optimisation", trajectory=True,
                                      check=(lambda v: 0 <= v < 1, "in [0, 1)"))  # fmt: skip
-    schedule: str = setting("constant", "learning-rate schedule: constant, onecycle or cosine", trajectory=True,
-                            check=_one_of(SCHEDULES))  # fmt: skip
-    augment: bool = setting(False, "random small shifts, rotations and scaling of each batch", trajectory=True)
+    schedule: str = setting("constant", "learning-rate schedule", "optimisation", trajectory=True,
+                            choices=SCHEDULES)  # fmt: skip
+    augment: bool = setting(False, "random small shifts, rotations and scaling of each batch", "augmentation",
+                            trajectory=True)  # fmt: skip
     elastic: float = setting(0.0, "with --augment: also elastic distortion of about PIXELS (Simard's 34)",
-                             trajectory=True, check=(lambda v: v >= 0, ">= 0 pixels"), metavar="PIXELS")  # fmt: skip
-    clean_epochs: int = setting(0, "with --augment: train the last N epochs on unaltered images", trajectory=True,
-                                check=(lambda v: v >= 0, ">= 0"), metavar="N")  # fmt: skip
-    seed: int | None = setting(None, "makes the run reproducible (default: random, recorded)", trajectory=True)
-    precision: str = setting("auto", "auto (bf16 where the CPU runs it natively, else fp32), fp32 or bf16",
-                             trajectory=True, check=_one_of(TRAINING_PRECISIONS))  # fmt: skip
-    compile: bool = setting(False, "use torch.compile")
-    channels_last: bool = setting(True, "channels-last memory layout")
-    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
-    checkpoint_every: int = setting(0, "also checkpoint every N steps", check=(lambda v: v >= 0, ">= 0 steps"),
-                                    metavar="N")  # fmt: skip
-    keep_checkpoints: int = setting(2, "how many checkpoints to keep", check=(lambda v: v >= 1, "at least 1"))
-    early_stopping: int = setting(0, "stop after PATIENCE epochs without validation improvement",
+                             "augmentation", trajectory=True, check=(lambda v: v >= 0, ">= 0 pixels"),
+                             metavar="PIXELS")  # fmt: skip
+    clean_epochs: int = setting(0, "with --augment: train the last N epochs on unaltered images", "augmentation",
+                                trajectory=True, check=(lambda v: v >= 0, ">= 0"), metavar="N")  # fmt: skip
+    seed: int | None = setting(None, "makes the run reproducible (default: random, recorded)",
+                               "reproducibility and speed", trajectory=True)  # fmt: skip
+    precision: str = setting("auto", "auto: bf16 where the CPU runs it natively, else fp32",
+                             "reproducibility and speed", trajectory=True, choices=TRAINING_PRECISIONS)  # fmt: skip
+    compile: bool = setting(False, "use torch.compile", "reproducibility and speed")
+    channels_last: bool = setting(True, "channels-last memory layout", "reproducibility and speed")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps", "reproducibility and speed")
+    checkpoint_every: int = setting(0, "also checkpoint every N steps", "checkpoints",
+                                    check=(lambda v: v >= 0, ">= 0 steps"), metavar="N")  # fmt: skip
+    keep_checkpoints: int = setting(2, "how many checkpoints to keep", "checkpoints",
+                                    check=(lambda v: v >= 1, "at least 1"))  # fmt: skip
+    early_stopping: int = setting(0, "stop after PATIENCE epochs without validation improvement", "validation",
                                   check=(lambda v: v >= 0, ">= 0"), metavar="PATIENCE")  # fmt: skip
-    restore_best: bool = setting(False, "end with the weights of the best validation epoch")
+    restore_best: bool = setting(False, "end with the weights of the best validation epoch", "validation")
 
     @classmethod
     def from_recipe(cls, recipe: str = "lab", **overrides: Any) -> TrainConfig:

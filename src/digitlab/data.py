@@ -2,9 +2,12 @@
 
 ``load_mnist()`` is a drop-in for ``keras.datasets.mnist.load_data()``. It reads
 the four canonical IDX files (gzipped or not) or Keras' ``mnist.npz`` from the
-first place that has them: the ``data_dir`` argument, ``$DIGITLAB_DATA_DIR``, the
-per-user cache, Debian's ``/usr/share/datasets/<dataset>``; failing those it
-downloads the files into the cache, checking each against its published SHA-256.
+first place that has them: the ``data_dir`` argument, ``$DIGITLAB_DATA_DIR`` (either
+one directly or in torchvision's ``MNIST/raw/`` layout below it), the per-user cache,
+Debian's ``/usr/share/datasets/<dataset>``, Keras' ``~/.keras/datasets``; failing those
+it downloads the files into the cache, checking each against its published SHA-256.
+A copy in torchvision's or Keras' layout is checked against the published data
+each time it is read: these are other programs' files.
 
 Two digests are kept per file: the SHA-256 of the ``.gz`` the mirrors serve
 (checked while downloading) and the SHA-256 of the decompressed IDX content
@@ -63,6 +66,9 @@ class DatasetSpec:
     content_sha256: Mapping[str, str]  # array name -> SHA-256 of the decompressed IDX file
     class_names: tuple[str, ...]
     npz_name: str
+    torchvision_name: str  # torchvision keeps the four files in <root>/<this>/raw/
+    keras_subdir: str  # Keras keeps them in ~/.keras/datasets/<this>
+    npz_sha256: str | None = None  # the SHA-256 of the npz file Keras downloads
 
     def file_names(self) -> list[str]:
         """The four canonical ``.gz`` file names."""
@@ -93,6 +99,10 @@ DATASETS: dict[str, DatasetSpec] = {
             },
             class_names=tuple(str(digit) for digit in range(10)),
             npz_name="mnist.npz",
+            torchvision_name="MNIST",
+            keras_subdir="",
+            # keras/src/datasets/mnist.py, file_hash of tf-keras-datasets/mnist.npz
+            npz_sha256="731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1",
         ),
         DatasetSpec(
             name="fashion-mnist",
@@ -119,6 +129,8 @@ DATASETS: dict[str, DatasetSpec] = {
                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
             ),
             npz_name="fashion-mnist.npz",
+            torchvision_name="FashionMNIST",
+            keras_subdir="fashion-mnist",
         ),
     )
 }
@@ -147,6 +159,12 @@ def cache_dir(dataset: str = "mnist") -> Path:
     xdg_cache = os.environ.get("XDG_CACHE_HOME", "")
     root = Path(xdg_cache) if os.path.isabs(xdg_cache) else Path.home() / ".cache"
     return root / "digitlab" / dataset_spec(dataset).name
+
+
+def keras_dir(dataset: str = "mnist") -> Path:
+    """Where Keras keeps ``dataset``: ``$KERAS_HOME/datasets`` (default ``~/.keras/datasets``)."""
+    root = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+    return root / "datasets" / dataset_spec(dataset).keras_subdir
 
 
 # --- IDX and npz decoding ------------------------------------------------------------------
@@ -306,6 +324,9 @@ def locate_dataset(
     explicit = _explicit_dir(data_dir)
     if explicit is not None:
         directory, described = explicit
+        torchvision = directory / spec.torchvision_name / "raw"
+        if not _has_copy(directory, spec) and len(_find_files(torchvision, spec)[0]) == len(ARRAY_FILES):
+            return torchvision
         if not _has_copy(directory, spec):
             idx_files, _ = _find_files(directory, spec)
             if not directory.is_dir():
@@ -318,11 +339,11 @@ def locate_dataset(
                 )
             raise DigitlabError(
                 f"{described} {directory} {state}; expected {', '.join(spec.file_names())} "
-                f"(gzipped or not) or {spec.npz_name}; `digitlab data download --dataset {spec.name} "
-                f"--data-dir {directory}` fetches them"
+                f"(gzipped or not, also in {spec.torchvision_name}/raw/) or {spec.npz_name}; "
+                f"`digitlab data download --dataset {spec.name} --data-dir {directory}` fetches them"
             )
         return directory
-    candidates = [cache_dir(spec.name), SYSTEM_DATASETS_DIR / spec.name]
+    candidates = [cache_dir(spec.name), SYSTEM_DATASETS_DIR / spec.name, keras_dir(spec.name)]
     for directory in candidates:
         if _has_copy(directory, spec):
             return directory
@@ -367,11 +388,47 @@ def load_mnist(
 
     Images are N×28×28 uint8, labels N uint8; all four arrays are writeable and C-contiguous.
     """
-    spec = dataset_spec(dataset)
-    directory = locate_dataset(data_dir, spec.name, download=download, progress=progress)
-    arrays, _ = _read_arrays(directory, spec)
-    _check_not_other_dataset(arrays, directory, spec)
+    _, arrays = _load_arrays(data_dir, dataset_spec(dataset), download, progress)
     return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
+
+
+def _load_arrays(
+    data_dir: str | os.PathLike | None, spec: DatasetSpec, download: bool, progress: bool
+) -> tuple[Path, Arrays]:
+    """The directory found for ``spec`` and its four arrays, checked (in full for other programs' copies)."""
+    directory = locate_dataset(data_dir, spec.name, download=download, progress=progress)
+    arrays, sources = _read_arrays(directory, spec)
+    _check_not_other_dataset(arrays, directory, spec)
+    if _other_programs_copy(directory, spec) and not _is_keras_download(directory, spec):
+        _check_content(arrays, sources, spec)
+    return directory, arrays
+
+
+def _other_programs_copy(directory: Path, spec: DatasetSpec) -> bool:
+    """Whether ``directory`` is torchvision's ``MNIST/raw`` or Keras' datasets directory."""
+    return directory.parts[-2:] == (spec.torchvision_name, "raw") or directory == keras_dir(spec.name)
+
+
+def _is_keras_download(directory: Path, spec: DatasetSpec) -> bool:
+    """Whether ``directory`` holds the npz file Keras downloads (its SHA-256 matches) and no IDX files."""
+    idx_files, npz_path = _find_files(directory, spec)
+    if npz_path is None or len(idx_files) == len(ARRAY_FILES) or spec.npz_sha256 is None:
+        return False
+    return _file_sha256(npz_path) == spec.npz_sha256
+
+
+def _check_content(arrays: Arrays, sources: Mapping[str, str], spec: DatasetSpec) -> dict[str, str]:
+    """The content SHA-256 of each array; DigitlabError naming each array that is not the published data."""
+    digests = {key: content_sha256(array) for key, array in arrays.items()}
+    mismatched = [key for key in ARRAY_FILES if digests[key] != spec.content_sha256[key]]
+    if mismatched:
+        raise DigitlabError(
+            f"checksum mismatch: {', '.join(sources[key] for key in mismatched)} "
+            f"{'does' if len(mismatched) == 1 else 'do'} not hold the published {spec.name} data; "
+            f"delete {'it' if len(mismatched) == 1 else 'them'} and run "
+            f"`digitlab data download --dataset {spec.name}`"
+        )
+    return digests
 
 
 def verify_dataset(data_dir: str | os.PathLike | None = None, dataset: str = "mnist") -> dict[str, str]:
@@ -384,16 +441,8 @@ def verify_dataset(data_dir: str | os.PathLike | None = None, dataset: str = "mn
     spec = dataset_spec(dataset)
     directory = locate_dataset(data_dir, spec.name, download=False)
     arrays, sources = _read_arrays(directory, spec)
-    digests = {key: content_sha256(array) for key, array in arrays.items()}
-    mismatched = [key for key in ARRAY_FILES if digests[key] != spec.content_sha256[key]]
-    if mismatched:
-        _check_not_other_dataset(arrays, directory, spec)
-        raise DigitlabError(
-            f"checksum mismatch: {', '.join(sources[key] for key in mismatched)} "
-            f"{'does' if len(mismatched) == 1 else 'do'} not hold the published {spec.name} data; "
-            f"delete {'it' if len(mismatched) == 1 else 'them'} and run "
-            f"`digitlab data download --dataset {spec.name}`"
-        )
+    _check_not_other_dataset(arrays, directory, spec)
+    digests = _check_content(arrays, sources, spec)
     return {sources[key]: digests[key] for key in ARRAY_FILES}
 
 
@@ -562,9 +611,7 @@ def inspect_dataset(
 ) -> DatasetFacts:
     """Load ``dataset`` as ``load_mnist`` does and describe each split."""
     spec = dataset_spec(dataset)
-    directory = locate_dataset(data_dir, spec.name, download=download, progress=progress)
-    arrays, _ = _read_arrays(directory, spec)
-    _check_not_other_dataset(arrays, directory, spec)
+    directory, arrays = _load_arrays(data_dir, spec, download, progress)
     splits = tuple(
         _split_facts(split, arrays[f"x_{split}"], arrays[f"y_{split}"], len(spec.class_names))
         for split in ("train", "test")

@@ -1,25 +1,25 @@
-"""Export a trained model to ONNX or TorchScript, check it against PyTorch, and run ONNX files.
+"""Export a trained model to ONNX, a `torch.export` program (.pt2) or the Hugging Face layout.
 
-The exported file takes a batch of any size and carries the preprocessing
-contract in its metadata (ONNX `metadata_props`, TorchScript extra files), so
-that code in another language or runtime knows exactly what to feed it. Every
-export is compared with the PyTorch model on 1,000 MNIST test images before
-the file appears: in fp32 the logits must agree to within 1e-4.
+Every export is compared with the PyTorch model on 1,000 MNIST test images
+before the file appears: in fp32 the logits must agree to within 1e-4.
 
-The ONNX file is written by PyTorch's TorchScript-based exporter
-(`torch.onnx.export(..., dynamo=False)`): it needs no extra packages and
-produces a graph with a symbolic batch axis.
+- ONNX (`.onnx`): written by PyTorch's maintained exporter,
+  `torch.onnx.export(..., dynamo=True)` (needs onnx and onnxscript), with a
+  symbolic batch axis and the input contract and card in `metadata_props`.
+- `torch.export` (`.pt2`): an `ExportedProgram` with a dynamic batch axis,
+  the contract and card in its extra files; `torch.export.load(path).module()`
+  runs it without digitlab.
+- Hugging Face (a directory): see digitlab.hub.
+
+TorchScript is gone: PyTorch deprecates `torch.jit.script`, `save` and `load`.
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from digitlab.errors import DigitlabError
+from digitlab.hub import HF_FILES, write_hf_directory
 from digitlab.inference import (
     CARD_KEY,
     INPUT_NAME,
@@ -41,15 +42,15 @@ from digitlab.inference import (
     load_onnx_recognizer,
 )  # fmt: skip
 from digitlab.model import IMAGE_SIZE, as_model_input
-from digitlab.serialization import atomic_path, load_model, unwrap
+from digitlab.serialization import atomic_directory, atomic_path, load_model, unwrap
 
 __all__ = ["ExportReport", "OnnxRecognizer", "export_metadata", "export_model", "load_onnx_recognizer"]
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "hf": ""}  # hf: a directory
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 1000
-ONNX_OPSET = 17
-TORCHSCRIPT_FILES = ("preprocessing.json", "card.json")
+ONNX_OPSET = 18
+PT2_FILES = ("preprocessing.json", "card.json")
 
 
 @dataclass
@@ -79,33 +80,26 @@ def export_model(
 ) -> ExportReport:
     """Export a model file, network or PyTorch `Recognizer` to `path`; check its logits against PyTorch's.
 
-    `check_images` are the images for the parity check (default: the first
-    1,000 MNIST test images). The file is written atomically and only if the
-    check passes; a larger difference than 1e-4 raises DigitlabError.
+    `format` is onnx, pt2 or hf (`path` is then a directory). `check_images`
+    are the images for the parity check (default: the first 1,000 MNIST test
+    images). The output is written atomically and only if the check passes; a
+    larger difference than 1e-4 raises DigitlabError.
     """
     if format not in FORMATS:
         raise DigitlabError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     path = Path(path)
     _check_suffix(path, format)
-    if isinstance(model_path_or_model, nn.Module):
-        model, card = copy.deepcopy(unwrap(model_path_or_model)), {}
-    elif isinstance(model_path_or_model, Recognizer):
-        model, card = copy.deepcopy(model_path_or_model.model), dict(model_path_or_model.card)
-    else:
-        model, card = load_model(model_path_or_model)
-    model = model.cpu().float().to(memory_format=torch.contiguous_format).eval()
+    model, card = _model_and_card(model_path_or_model)
     inputs = _parity_inputs(check_images)
     if not len(inputs):
         raise DigitlabError("the parity check needs at least one image; pass some test images")
     expected = batched_logits(model, inputs, precision="fp32").numpy()
 
-    with atomic_path(path) as tmp:
-        if format == "onnx":
-            tmp.write_bytes(_onnx_bytes(model, card))
-            actual = load_onnx_recognizer(tmp).logits(inputs)
-        else:
-            _save_torchscript(model, card, tmp)
-            actual = _torchscript_logits(tmp, inputs)
+    write, read = _WRITERS[format]
+    place = atomic_directory(path, HF_FILES) if format == "hf" else atomic_path(path)
+    with place as tmp:
+        write(model, card, tmp)
+        actual = read(tmp, inputs)
         max_abs_diff = float(np.abs(actual - expected).max())
         if not max_abs_diff <= PARITY_TOLERANCE:
             raise DigitlabError(
@@ -116,11 +110,24 @@ def export_model(
     return ExportReport(path, format, len(inputs), max_abs_diff, same_labels)
 
 
+def _model_and_card(source: str | os.PathLike | nn.Module | Recognizer) -> tuple[nn.Module, dict[str, Any]]:
+    """An fp32, contiguous, eval-mode copy of the network, and its card."""
+    if isinstance(source, nn.Module):
+        model, card = copy.deepcopy(unwrap(source)), {}
+    elif isinstance(source, Recognizer):
+        model, card = copy.deepcopy(source.model), dict(source.card)
+    else:
+        model, card = load_model(source)
+    return model.cpu().float().to(memory_format=torch.contiguous_format).eval(), card
+
+
 def _check_suffix(path: Path, format: str) -> None:
     if format == "onnx" and path.suffix != ".onnx":
         raise DigitlabError(f"ONNX files end in .onnx, got {path.name}; rename the output")
-    if format == "torchscript" and path.suffix in (".onnx", ".safetensors"):
-        raise DigitlabError(f"a TorchScript file must not end in {path.suffix}; use .pt")
+    if format == "pt2" and path.suffix != ".pt2":
+        raise DigitlabError(f"torch.export files end in .pt2, got {path.name}; rename the output")
+    if format == "hf" and path.suffix:
+        raise DigitlabError(f"--format hf writes a directory; pass a directory name without {path.suffix}")
 
 
 def _parity_inputs(images: np.ndarray | torch.Tensor | None) -> torch.Tensor:
@@ -132,68 +139,77 @@ def _parity_inputs(images: np.ndarray | torch.Tensor | None) -> torch.Tensor:
     return as_model_input(images)
 
 
-@contextmanager
-def _quiet_deprecations() -> Iterator[None]:
-    """Hide PyTorch's notices that TorchScript and its ONNX exporter are deprecated (both still work)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
+def _example_and_batch_axis() -> tuple[tuple[torch.Tensor], tuple[dict[int, Any]]]:
+    """An example input of two images, and its first axis declared dynamic (any batch size)."""
+    batch = torch.export.Dim("batch", min=1)
+    return (torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE),), ({0: batch},)
 
 
-def _onnx_bytes(model: nn.Module, card: dict[str, Any]) -> bytes:
+def _write_onnx(model: nn.Module, card: dict[str, Any], path: Path) -> None:
     """The network as an ONNX model with a symbolic batch axis and the contract in its metadata."""
     try:
         import onnx
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
     except ImportError:
-        raise DigitlabError("ONNX export needs the onnx package; pip install 'digitlab[export]'") from None
-    buffer = io.BytesIO()
-    with _quiet_deprecations():
-        torch.onnx.export(
-            model,
-            (torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE),),
-            buffer,
-            dynamo=False,
-            opset_version=ONNX_OPSET,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        )
-    proto = onnx.load_from_string(buffer.getvalue())
+        raise DigitlabError("ONNX export needs onnx and onnxscript; pip install 'digitlab[export]'") from None
+    example, dynamic_shapes = _example_and_batch_axis()
+    program = torch.onnx.export(
+        model, example, dynamo=True, opset_version=ONNX_OPSET, dynamic_shapes=dynamic_shapes,
+        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False,
+    )  # fmt: skip
+    proto = program.model_proto
     for key, value in {**PREPROCESSING, CARD_KEY: json.dumps(card)}.items():
         proto.metadata_props.add(key=key, value=value)
     proto.doc_string = "digitlab handwritten-digit CNN; see metadata_props for the input contract"
     onnx.checker.check_model(proto)
-    return proto.SerializeToString()
+    path.write_bytes(proto.SerializeToString())
 
 
-def _save_torchscript(model: nn.Module, card: dict[str, Any], path: Path) -> None:
-    extra_files = {TORCHSCRIPT_FILES[0]: json.dumps(PREPROCESSING), TORCHSCRIPT_FILES[1]: json.dumps(card)}
-    with _quiet_deprecations():
-        torch.jit.save(torch.jit.script(model), str(path), _extra_files=extra_files)
+def _onnx_logits(path: Path, inputs: torch.Tensor) -> np.ndarray:
+    return load_onnx_recognizer(path).logits(inputs)
+
+
+def _write_pt2(model: nn.Module, card: dict[str, Any], path: Path) -> None:
+    """The network as a `torch.export` program with a dynamic batch axis; contract and card as extra files."""
+    example, dynamic_shapes = _example_and_batch_axis()
+    program = torch.export.export(model, example, dynamic_shapes=dynamic_shapes)
+    extra_files = {PT2_FILES[0]: json.dumps(PREPROCESSING), PT2_FILES[1]: json.dumps(card)}
+    with path.open("wb") as file:  # a file object: torch.export wants names ending in .pt2
+        torch.export.save(program, file, extra_files=extra_files)
 
 
 @torch.inference_mode()
-def _torchscript_logits(path: Path, inputs: torch.Tensor) -> np.ndarray:
-    with _quiet_deprecations():
-        module = torch.jit.load(str(path), map_location="cpu")
-    return in_batches(inputs, module)
+def _pt2_logits(path: Path, inputs: torch.Tensor) -> np.ndarray:
+    with path.open("rb") as file:
+        program = torch.export.load(file)
+    return in_batches(inputs, program.module())
+
+
+def _hf_logits(directory: Path, inputs: torch.Tensor) -> np.ndarray:
+    return batched_logits(load_model(directory)[0], inputs, precision="fp32").numpy()
+
+
+_WRITERS: dict[str, tuple[Callable[[nn.Module, dict[str, Any], Path], None], Callable[..., np.ndarray]]] = {
+    "onnx": (_write_onnx, _onnx_logits),
+    "pt2": (_write_pt2, _pt2_logits),
+    "hf": (write_hf_directory, _hf_logits),
+}
 
 
 def export_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The preprocessing contract and model card stored in an exported ONNX or TorchScript file."""
+    """The preprocessing contract and model card stored in an exported ONNX or .pt2 file."""
     path = Path(path)
     if path.suffix == ".onnx":
         recognizer = load_onnx_recognizer(path)
         return {"preprocessing": recognizer.preprocessing, "card": recognizer.card}
     if not path.is_file():
         raise DigitlabError(f"exported model file not found: {path} (check the path)")
-    extra_files = dict.fromkeys(TORCHSCRIPT_FILES, "")
+    extra_files = dict.fromkeys(PT2_FILES, "")
     try:
-        with _quiet_deprecations():
-            torch.jit.load(str(path), map_location="cpu", _extra_files=extra_files)
-    except RuntimeError as error:
-        raise DigitlabError(f"{path} is not a readable TorchScript file ({error}); export it again") from None
+        torch.export.load(path, extra_files=extra_files)
+    except (RuntimeError, ValueError, KeyError, OSError) as error:
+        raise DigitlabError(f"{path} is not a readable torch.export file ({error}); export it again") from None
     return {
-        "preprocessing": json.loads(extra_files["preprocessing.json"] or "{}"),
-        "card": json.loads(extra_files["card.json"] or "{}"),
+        "preprocessing": json.loads(extra_files[PT2_FILES[0]] or "{}"),
+        "card": json.loads(extra_files[PT2_FILES[1]] or "{}"),
     }

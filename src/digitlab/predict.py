@@ -31,7 +31,8 @@ def bundled_model_path() -> Path:
 def load_recognizer(
     path: str | os.PathLike | None = None, precision: str = "auto", device: str = "cpu"
 ) -> DigitRecognizer:
-    """Load a digitlab model file, or an exported `.onnx` file (CPU only); None means the bundled model.
+    """Load a digitlab model file, a Hugging Face directory from `digitlab export --format hf`, or an
+    exported `.onnx` file (CPU only); None means the bundled model.
 
     `device` is a name for `digitlab.devices.resolve_device` (auto, cpu, cuda, cuda:N, mps).
     """

@@ -34,7 +34,15 @@ from digitlab.errors import DigitlabError
 from digitlab.evaluate import Evaluation, evaluate_sharded
 from digitlab.model import build_model, parameter_counts, summary
 from digitlab.serialization import check_model_path, save_model, write_json_atomic, write_text_atomic
-from digitlab.train import Checkpoints, History, TrainConfig, resolve_setup, train
+from digitlab.train import (
+    Checkpoints,
+    History,
+    TrainConfig,
+    check_val_split,
+    resolve_setup,
+    split_validation,
+    train,
+)
 
 DEFAULT_RUNS_DIR = Path("runs")
 
@@ -76,25 +84,6 @@ def cpu_name() -> str:
 def array_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
     """SHA-256 of each array's bytes: identifies the data whatever file format it came from."""
     return {name: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for name, a in arrays.items()}
-
-
-def check_val_split(fraction: float) -> None:
-    """A validation fraction is 0 (no split) or strictly between 0 and 1."""
-    if not (fraction == 0 or 0 < fraction < 1):
-        raise DigitlabError(f"--val-split must be between 0 and 1 (exclusive), got {fraction}")
-
-
-def split_validation(
-    x: np.ndarray, y: np.ndarray, fraction: float
-) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
-    """Hold out the last `fraction` of the training set for validation, as Keras' validation_split."""
-    check_val_split(fraction)
-    if fraction == 0:
-        return (x, y), None
-    cut = len(x) - int(round(len(x) * fraction))
-    if cut <= 0 or cut >= len(x):
-        raise DigitlabError(f"--val-split {fraction} leaves no training or no validation images")
-    return (x[:cut], y[:cut]), (x[cut:], y[cut:])
 
 
 def new_run_dir(root: str | os.PathLike, config: TrainConfig) -> Path:

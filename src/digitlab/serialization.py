@@ -3,6 +3,8 @@
 A model file holds the network's weights (parameters and BatchNorm statistics)
 and, in its header, the model card: configuration, history and test metrics.
 The same card is written beside it as `<name>.json` for people to read.
+A model directory in the Hugging Face layout (`model.safetensors` with plain
+weights, `config.json` holding the card; written by digitlab.hub) loads too.
 Nothing here unpickles: a file from anywhere can be loaded safely.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +28,8 @@ from digitlab.model import DigitCNN, build_model
 
 FORMAT = "digitlab-model-v1"
 CHECKPOINT_FORMAT = "digitlab-checkpoint-v1"
+# The Hugging Face layout: plain weights (safetensors format "pt") and a config with the card.
+HF_WEIGHTS, HF_CONFIG, HF_CARD_KEY = "model.safetensors", "config.json", "digitlab_card"
 
 
 @contextmanager
@@ -45,6 +50,36 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync(target.parent)  # and so is the new name
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike, replaceable: frozenset[str] = frozenset()) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; it becomes `path` only if the block succeeds.
+
+    An existing `path` is replaced only if it is a directory holding nothing but
+    names in `replaceable` (an earlier export); anything else is refused.
+    """
+    target = Path(path)
+    if target.exists() and not (target.is_dir() and {p.name for p in target.iterdir()} <= replaceable):
+        raise DigitlabError(f"{target} exists and holds other files; pass a new or empty directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for file in tmp.iterdir():
+            file.chmod(0o666 & ~umask)
+            _fsync(file)
+        tmp.chmod(0o777 & ~umask)
+        old = tmp.with_suffix(".old")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:
@@ -167,16 +202,40 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, card: dict[str, 
 
 
 def load_model(path: str | os.PathLike) -> tuple[DigitCNN, dict[str, Any]]:
-    """Load a model file; return the network in eval mode and its card.
+    """Load a model file or a Hugging Face model directory; return the network in eval mode and its card.
 
     Raises `DigitlabError` for a file that is not a digitlab model or whose weights are not all finite.
     """
     path = Path(path)
-    tensors, metadata = _load_tensors(path, FORMAT, "model")
+    if path.is_dir():
+        tensors, card = _load_hf_directory(path)
+    else:
+        tensors, metadata = _load_tensors(path, FORMAT, "model")
+        card = parse_card(metadata.get("card", "{}"), path)
     model = build_model()
     _load_weights(model, tensors, path)
     model.eval()
-    return model, parse_card(metadata.get("card", "{}"), path)
+    return model, card
+
+
+def _load_hf_directory(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and card of a model directory in the Hugging Face layout."""
+    weights, config = directory / HF_WEIGHTS, directory / HF_CONFIG
+    if not weights.is_file() or not config.is_file():
+        raise DigitlabError(
+            f"{directory} is a directory without {HF_WEIGHTS} and {HF_CONFIG}; pass a model file, or a "
+            "directory written by `digitlab export --format hf`"
+        )
+    try:
+        tensors = load_file(weights)
+        text = config.read_text(encoding="utf-8")
+    except (SafetensorError, OSError, UnicodeDecodeError) as error:
+        raise DigitlabError(f"{weights} is not a readable safetensors file ({error}); export it again") from None
+    config_data = parse_card(text, config)
+    card = config_data.get(HF_CARD_KEY, {})
+    if not isinstance(card, dict):
+        raise DigitlabError(f"{config}: {HF_CARD_KEY} is not a JSON object; export the model again")
+    return tensors, card
 
 
 def save_checkpoint(

@@ -32,10 +32,20 @@ from digitlab.serialization import load_checkpoint, load_model, save_checkpoint,
 
 @dataclass
 class History:
-    """Per-epoch metrics, and running metrics every few steps, as Keras' History holds them."""
+    """Per-epoch metrics, and running metrics every few steps, as Keras' History holds them.
+
+    `epochs` is one record per epoch; `history` the same figures as Keras gives
+    them, one list per metric: `history.history["val_loss"]`.
+    """
 
     epochs: list[dict[str, float]] = field(default_factory=list)
     steps: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        """Each metric's value per epoch (loss, accuracy, val_loss, val_accuracy, lr, ...), as Keras' dict."""
+        names = [name for record in self.epochs for name in record if name != "epoch"]
+        return {name: [record.get(name) for record in self.epochs] for name in dict.fromkeys(names)}
 
     def to_dict(self) -> dict[str, list[dict[str, float]]]:
         return {"epochs": self.epochs, "steps": self.steps}
@@ -43,6 +53,25 @@ class History:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:
         return cls(epochs=list(data.get("epochs", [])), steps=list(data.get("steps", [])))
+
+
+def check_val_split(fraction: float, name: str = "--val-split") -> None:
+    """A validation fraction is 0 (no split) or strictly between 0 and 1."""
+    if not (fraction == 0 or 0 < fraction < 1):
+        raise DigitlabError(f"{name} must be between 0 and 1 (exclusive), got {fraction}")
+
+
+def split_validation(
+    x: np.ndarray, y: np.ndarray, fraction: float, name: str = "--val-split"
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+    """Hold out the last `fraction` of the training set for validation, as Keras' validation_split."""
+    check_val_split(fraction, name)
+    if fraction == 0:
+        return (x, y), None
+    cut = len(x) - int(round(len(x) * fraction))
+    if cut <= 0 or cut >= len(x):
+        raise DigitlabError(f"{name} {fraction} leaves no training or no validation images")
+    return (x[:cut], y[:cut]), (x[cut:], y[cut:])
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -245,6 +274,9 @@ def train(
     y_train: np.ndarray | torch.Tensor,
     config: TrainConfig | None = None,
     *,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    validation_split: float = 0.0,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     checkpoints: Checkpoints | None = None,
     resume: bool = False,
@@ -253,13 +285,21 @@ def train(
 ) -> History:
     """Fit `model` to the images and labels in place, as Keras' `fit` does; return the history.
 
-    `validation` images and labels are evaluated after each epoch (needed for
-    early stopping and best-model selection). With `checkpoints`, training
-    state is saved every `config.checkpoint_every` steps and at each epoch end,
-    and `resume=True` continues from the newest checkpoint there. `setup` is
-    the resolved device, ranks, seed and precision (default: `resolve_setup(config)`).
+    Settings come from `config` (default: the lab's recipe); `epochs` and
+    `batch_size` set those two, as Keras' keywords do (with a `config` that says
+    otherwise they raise `DigitlabError`). `validation_split` holds out the last
+    fraction of `x_train` as `validation` images and labels, evaluated after
+    each epoch (needed for early stopping and best-model selection). With
+    `checkpoints`, training state is saved every `config.checkpoint_every`
+    steps and at each epoch end, and `resume=True` continues from the newest
+    checkpoint there. `setup` is the resolved device, ranks, seed and precision
+    (default: `resolve_setup(config)`).
     """
-    config = config or TrainConfig()
+    config = _with_keywords(config, epochs=epochs, batch_size=batch_size)
+    if validation_split:
+        if validation is not None:
+            raise DigitlabError("pass validation_split or validation, not both")
+        (x_train, y_train), validation = split_validation(x_train, y_train, validation_split, "validation_split")
     config.validate()
     config.check_needs(validation=validation is not None, checkpoints=checkpoints is not None)
     setup = setup or resolve_setup(config)
@@ -281,6 +321,20 @@ def train(
         unwrap(model).load_state_dict(best_model.state_dict())
     model.eval()
     return run.history
+
+
+def _with_keywords(config: TrainConfig | None, **keywords: int | None) -> TrainConfig:
+    """`config` (default: the lab's) with the Keras-style keywords that were given; conflicts refused."""
+    given = {name: value for name, value in keywords.items() if value is not None}
+    if config is None:
+        return TrainConfig(**given)
+    conflicts = [f"{name}={value} (the config says {getattr(config, name)})"
+                 for name, value in given.items() if getattr(config, name) != value]  # fmt: skip
+    if conflicts:
+        raise DigitlabError(
+            f"train() got {', '.join(conflicts)}; set it in the TrainConfig or in the keyword, not both"
+        )
+    return config
 
 
 def _prepare(

@@ -8,8 +8,13 @@ from pathlib import Path
 from digitlab import data
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--dataset`` (``args.dataset``, default "mnist") and ``--data-dir`` (``args.data_dir``, default None)."""
+def add_data_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add ``--dataset`` (``args.dataset``, default "mnist") and ``--data-dir`` (``args.data_dir``, default None).
+
+    Given a parser, they go into its "data options" group; given a group, into that group.
+    """
+    if isinstance(parser, argparse.ArgumentParser):
+        parser = parser.add_argument_group("data options")
     parser.add_argument(
         "--dataset", choices=list(data.DATASETS), default="mnist",
         help="which dataset (default: %(default)s)",
@@ -17,9 +22,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir", type=Path, default=None, metavar="DIR",
         help=(
-            "directory with the four IDX files (gzipped or not) or mnist.npz "
-            f"(default: ${data.DATA_DIR_ENV}, else the cache ~/.cache/digitlab/DATASET, "
-            "else /usr/share/datasets/DATASET, else download into the cache)"
+            "directory with the four IDX files (gzipped or not, or in torchvision's MNIST/raw/ below it) or "
+            f"mnist.npz (default: ${data.DATA_DIR_ENV}, else the cache ~/.cache/digitlab/DATASET, "
+            "else /usr/share/datasets/DATASET, else Keras' ~/.keras/datasets, else download into the cache)"
         ),
     )
 

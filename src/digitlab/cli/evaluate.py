@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from digitlab.cli import add_device_argument
+from digitlab.cli._options import add_device_argument, add_model_argument
 from digitlab.cli.data import add_data_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate", help="test loss, accuracy and per-class accuracy of a model")
-    parser.add_argument(
-        "model", nargs="?", help="model file (.safetensors or exported .onnx; default: bundled)"
-    )
+    add_model_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_device_argument(parser)
     add_data_arguments(parser)

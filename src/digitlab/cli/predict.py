@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
-from digitlab.cli import add_device_argument
+from digitlab.cli._options import add_device_argument, add_model_argument
 from digitlab.errors import DigitlabError
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "read, 1 if any failed (reported on stderr), 2 for usage errors.",
     )
     parser.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="picture files or directories")
-    parser.add_argument("--model", help="model file (.safetensors or exported .onnx; default: bundled)")
+    add_model_argument(parser, positional=False)
     parser.add_argument("--top-k", type=int, default=3, help="alternatives to show per picture (default 3)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print a JSON list of records")

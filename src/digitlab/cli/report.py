@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from digitlab.cli._options import add_model_argument
 from digitlab.cli.data import add_data_arguments
 
 
@@ -15,9 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate a model on the test set and write one self-contained HTML page "
         "(images embedded, no network needed) with its card, metrics and pictures.",
     )
-    parser.add_argument(
-        "model", nargs="?", help="model file (.safetensors or exported .onnx; default: the bundled model)"
-    )
+    add_model_argument(parser)
     parser.add_argument("-o", "--output", type=Path, help="HTML file (default: MODEL-report.html)")
     parser.add_argument("--mistakes", type=int, default=25, help="how many mistakes to show (default: %(default)s)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N test images")

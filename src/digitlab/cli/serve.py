@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from digitlab.cli import add_device_argument
+from digitlab.cli._options import add_device_argument, add_model_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve POST /v1/predict, GET /v1/model, /healthz, /readyz, the API docs at /docs "
         "and a page at / to draw digits on, until Ctrl+C or SIGTERM.",
     )
-    parser.add_argument("--model", help="model file (.safetensors or exported .onnx; default: bundled)")
+    add_model_argument(parser, positional=False)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     parser.add_argument(

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from digitlab.cli._options import add_model_argument
 from digitlab.cli.data import add_data_arguments
 from digitlab.errors import DigitlabError
-
-MODEL_HELP = "model file (.safetensors or exported .onnx; default: the bundled model)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     def picture(name: str, help_text: str, handler, *, model: bool, data: bool) -> argparse.ArgumentParser:
         parser = pictures.add_parser(name, help=help_text, description=help_text)
         if model:
-            parser.add_argument("model", nargs="?", help=MODEL_HELP)
+            add_model_argument(parser)
         parser.add_argument("-o", "--output", type=Path, help="PNG, SVG or PDF file (default: a name like NAME.png)")
         parser.add_argument("--dpi", type=float, default=100, help="resolution in dots per inch (default: %(default)s)")
         if data:
@@ -34,12 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     heatmap = picture("heatmap", "one image as a heatmap of its pixel values, label in the title",
                       show_heatmap, model=False, data=True)  # fmt: skip
-    heatmap.add_argument("--split", choices=("train", "test"), default="train", help="(default: %(default)s)")
+    heatmap.add_argument("--split", choices=("train", "test"), default="train", help="which split (default: %(default)s)")
     heatmap.add_argument("--index", type=int, default=0, help="which image (default: %(default)s)")
 
     grid = picture("grid", "images in rows of five with their labels (the lab's plot_imgs)",
                    show_grid, model=False, data=True)  # fmt: skip
-    grid.add_argument("--split", choices=("train", "test"), default="train", help="(default: %(default)s)")
+    grid.add_argument("--split", choices=("train", "test"), default="train", help="which split (default: %(default)s)")
     grid.add_argument("--start", type=int, default=0, help="first image (default: %(default)s)")
     grid.add_argument("--count", type=int, default=10, help="how many images (default: %(default)s)")
 
@@ -65,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     activations = picture("activations", "the feature maps of each conv block for one image",
                           show_activations, model=True, data=True)  # fmt: skip
-    activations.add_argument("--split", choices=("train", "test"), default="test", help="(default: %(default)s)")
+    activations.add_argument("--split", choices=("train", "test"), default="test",
+                             help="which split (default: %(default)s)")  # fmt: skip
     activations.add_argument("--index", type=int, default=0, help="which image (default: %(default)s)")
 
 
