@@ -58,8 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mistakes.add_argument("--count", type=int, default=25, help="at most this many (default: %(default)s)")
     mistakes.add_argument("--limit", type=int, help="search only the first N test images")
 
-    picture("history", "loss and accuracy per epoch and per step, from the model's training history",
-            show_history, model=True, data=False)  # fmt: skip
+    history = picture("history", "loss and accuracy per epoch and per step, from the model's training history "
+                      "or from a run directory (also while it trains)", show_history, model=False, data=False)
+    history.add_argument("model", nargs="?", help=f"{MODEL_HELP}, or a run directory")
     picture("filters", "the first convolution layer's 16 kernels (needs a .safetensors model)",
             show_filters, model=True, data=False)  # fmt: skip
 
@@ -186,11 +187,16 @@ def show_mistakes(args: argparse.Namespace) -> int:
 
 
 def show_history(args: argparse.Namespace) -> int:
+    from digitlab.live import live_history, read_records
     from digitlab.plots import plot_history
 
-    card = _recognizer(args).card
-    name = card.get("name") or (Path(args.model).name if args.model else "the bundled model")
-    figure = plot_history(card, title=f"Training history of {name}")
+    if args.model and Path(args.model).is_dir():
+        history, name = live_history(read_records(args.model)), Path(args.model).name
+    else:
+        card = _recognizer(args).card
+        history = card.get("history", {})
+        name = card.get("name") or (Path(args.model).name if args.model else "the bundled model")
+    figure = plot_history(history, title=f"Training history of {name}")
     return _save(figure, args, "history.png")
 
 

@@ -21,6 +21,8 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
         options = {"help": f.metadata["help"], "metavar": f.metadata["metavar"]}
         if f.name == "recipe":
             parser.add_argument(option, default="lab", **options)
+        elif f.type == "tuple[str, ...]":
+            parser.add_argument(option, action="append", **options)
         elif f.type == "bool":
             parser.add_argument(option, action=argparse.BooleanOptionalAction, default=None, help=options["help"])
         else:
