@@ -15,6 +15,7 @@ TensorBoard and MLflow are others, each needing its optional package.
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from collections.abc import Mapping
@@ -52,6 +53,19 @@ def values(metrics: Mapping[str, float]) -> dict[str, float]:
 
 def _missing(package: str, extra: str) -> DigitlabError:
     return DigitlabError(f"--log {extra} needs the {package} package; install it with: pip install 'digitlab[{extra}]'")
+
+
+_MODULES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "mlflow": ("mlflow.tracking", "mlflow-skinny")}
+
+
+def check_available(names: tuple[str, ...]) -> None:
+    """Refuse, before a run starts, a logger whose optional package is not installed."""
+    for name in names:
+        module, package = _MODULES[name]
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise _missing(package, name) from None
 
 
 class TensorBoardLogger(Logger):

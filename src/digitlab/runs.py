@@ -34,7 +34,7 @@ from digitlab.data import load_mnist
 from digitlab.errors import DigitlabError
 from digitlab.evaluate import Evaluation, evaluate_sharded
 from digitlab.live import CSV_NAME, LiveFiles, epochs_csv, live_history, read_records
-from digitlab.loggers import Logger, MLflowLogger, TensorBoardLogger
+from digitlab.loggers import Logger, MLflowLogger, TensorBoardLogger, check_available
 from digitlab.model import build_model, parameter_counts, summary
 from digitlab.serialization import check_model_path, save_model, write_json_atomic, write_text_atomic
 from digitlab.train import Checkpoints, History, Setup, TrainConfig, resolve_setup, train
@@ -166,6 +166,7 @@ def run_training(
         check_model_path(output)
     config.validate()
     config.check_needs(validation=val_split > 0, checkpoints=True)
+    check_available(config.log)
     setup = resolve_setup(config)
     config = replace(config, seed=setup.seed)
     main = setup.ranks.is_main
