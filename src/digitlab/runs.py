@@ -315,7 +315,7 @@ def list_runs(root: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[dict[str, Any]
     runs = []
     for config_file in sorted(Path(root).glob("*/config.json")):
         try:
-            runs.append(_run_row(config_file.parent))
+            runs.append(describe_run(config_file.parent))
         except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
             runs.append({
                 "run": config_file.parent.name, "recipe": None, "epochs": 0, "train_accuracy": None,
@@ -325,8 +325,8 @@ def list_runs(root: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[dict[str, Any]
     return runs
 
 
-def _run_row(run_dir: Path) -> dict[str, Any]:
-    """One run's key figures from its files; raises if they are damaged."""
+def describe_run(run_dir: Path) -> dict[str, Any]:
+    """One run's key figures and status from its files; raises if they are damaged."""
     card_file = run_dir / "model.json"
     card = json.loads(card_file.read_text()) if card_file.is_file() else {}
     settings = json.loads((run_dir / "config.json").read_text())

@@ -55,6 +55,7 @@ from digitlab.predict import (
     prepare_image,
 )
 from digitlab.preprocess import MAX_PIXELS, declared_pixels, load_image
+from digitlab.serve_runs import router as runs_router
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
 MAX_IMAGES = 64
@@ -271,12 +272,14 @@ def create_app(
     limits: Limits | None = None,
     api_key: str | None = None,
     trusted_hosts: list[str] | None = None,
+    runs_dir: str | os.PathLike | None = None,
 ) -> FastAPI:
     """The digitlab web service around one model (None: the bundled one), loaded now.
 
     `limits` (default: `max_body_bytes`, `max_images` and the module's other
     limits) bound each request; with `api_key`, /v1/ routes need it;
-    `trusted_hosts` (None: any) are the Host names accepted. Raises
+    `trusted_hosts` (None: any) are the Host names accepted; with `runs_dir`,
+    its training runs are served too (`digitlab.serve_runs`). Raises
     DigitlabError when the model cannot be loaded, so a server never starts without one.
     """
     limits = limits or Limits(max_body_bytes=max_body_bytes, max_images=max_images)
@@ -309,6 +312,9 @@ def create_app(
     if trusted_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if runs_dir is not None:
+        app.state.runs_dir = Path(runs_dir)
+        app.include_router(runs_router)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -387,6 +393,7 @@ def create_app_from_environment() -> FastAPI:
         limits=Limits(**settings["limits"]),
         api_key=settings["api_key"],
         trusted_hosts=settings["trusted_hosts"],
+        runs_dir=settings.get("runs_dir"),
     )
 
 
@@ -589,6 +596,7 @@ def serve(
     trusted_hosts: list[str] | None = None,
     limits: Limits | None = None,
     max_connections: int = MAX_CONNECTIONS,
+    runs_dir: str | os.PathLike | None = None,
 ) -> None:
     """Serve the API and the page with uvicorn until SIGINT or SIGTERM, then return.
 
@@ -596,7 +604,8 @@ def serve(
     environment variable) or `open_access`. `trusted_hosts` (default: the
     loopback names and `host`; any for a wildcard host) are the Host header
     values accepted. The model is loaded (and so checked) before anything
-    listens; each worker process loads its own copy.
+    listens; each worker process loads its own copy. With `runs_dir`, the page
+    also shows the training runs there and can draw against their models.
     """
     import uvicorn
     from uvicorn.supervisors import Multiprocess
@@ -616,7 +625,8 @@ def serve(
         )
     trusted_hosts = trusted_hosts or default_trusted_hosts(host)
     settings = {"model": str(model) if model is not None else None, "limits": asdict(limits),
-                "api_key": api_key, "trusted_hosts": trusted_hosts}  # fmt: skip
+                "api_key": api_key, "trusted_hosts": trusted_hosts,
+                "runs_dir": str(runs_dir) if runs_dir is not None else None}  # fmt: skip
     options = {
         "log_level": "info",
         "http": H11WithHeaderTimeout,
@@ -625,7 +635,7 @@ def serve(
         "limit_concurrency": max_connections,
     }
     if workers == 1:
-        app = create_app(model, limits=limits, api_key=api_key, trusted_hosts=trusted_hosts)
+        app = create_app(model, limits=limits, api_key=api_key, trusted_hosts=trusted_hosts, runs_dir=runs_dir)
         config = uvicorn.Config(app, **options)
     else:
         load_recognizer(model)  # fail here, with a clear message, rather than in every worker

@@ -58,6 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="seconds a client may take to send its headers or pause within its body, and an idle "
         f"connection stays open (default {CLIENT_TIMEOUT:g})",
     )
+    parser.add_argument(
+        "--runs-dir",
+        metavar="DIR",
+        help="also show the training runs in DIR on the page (their curves, live) and draw against their models",
+    )
     parser.set_defaults(handler=run_serve)
 
 
@@ -74,5 +79,6 @@ def run_serve(args: argparse.Namespace) -> int:
         trusted_hosts=args.trusted_host,
         limits=Limits(time_budget=args.time_budget, client_timeout=args.client_timeout),
         max_connections=args.max_connections,
+        runs_dir=args.runs_dir,
     )
     return 0

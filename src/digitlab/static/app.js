@@ -169,6 +169,17 @@ function canvasBlob() {
   return new Promise((resolve) => pad.toBlob(resolve, "image/png"));
 }
 
+// With `digitlab serve --runs-dir`, runs.js fills #model-choice with the finished runs.
+function predictUrl() {
+  const run = document.getElementById("model-choice").value;
+  return run ? `/v1/runs/${encodeURIComponent(run)}/predict` : PREDICT_URL;
+}
+
+document.getElementById("model-choice").addEventListener("change", () => {
+  setVersion(version + 1);
+  requestPrediction();
+});
+
 async function requestPrediction() {
   firstChangeAt = null;
   if (!hasInk && !uploaded) return;
@@ -184,7 +195,7 @@ async function requestPrediction() {
     const form = new FormData();
     if (uploaded) form.append("files", uploaded, uploaded.name);
     else form.append("files", await canvasBlob(), "drawing.png");
-    const response = await fetch(PREDICT_URL, { method: "POST", body: form });
+    const response = await fetch(predictUrl(), { method: "POST", body: form });
     const body = await response.json();
     if (forVersion === version) {
       if (!response.ok) throw new Error(typeof body.detail === "string" ? body.detail : response.statusText);
@@ -229,7 +240,8 @@ function show(prediction, forVersion) {
     confidenceView.append(next);
   }
   setBars(prediction.probabilities, prediction.digit);
-  setStatus(uploaded ? `read ${uploaded.name}` : "read your drawing", "done");
+  const run = document.getElementById("model-choice").value;
+  setStatus(`${uploaded ? `read ${uploaded.name}` : "read your drawing"}${run ? ` with run ${run}` : ""}`, "done");
 }
 
 function setBars(probabilities, best) {
