@@ -81,7 +81,7 @@ def test_run_status_says_how_far_an_unfinished_run_got():
     assert run_status([], 3) == "incomplete"
 
 
-def _wait_for_line(process: subprocess.Popen, pattern: str) -> list[str]:
+def wait_for_line(process: subprocess.Popen, pattern: str) -> list[str]:
     """Read the process's output until a line matches `pattern`; the lines read."""
     seen = []
     for line in process.stdout:
@@ -100,7 +100,7 @@ def test_metrics_jsonl_can_be_read_while_the_run_trains(tmp_path, capsys):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for_line(process, r"^Epoch 1: [\d.]+s - loss")
+        wait_for_line(process, r"^Epoch 1: [\d.]+s - loss")
         process.send_signal(signal.SIGSTOP)  # hold it mid-run, however fast the machine is
         records = read_records(run_dir)
         assert not (run_dir / "model.safetensors").exists()

@@ -78,8 +78,12 @@ function plot(history) {
     `<text x="4" y="${y(1) + 4}">${maxLoss.toFixed(2)} / 100%</text>`,
     `<text x="4" y="${y(0)}">0</text>`,
     `<text x="${WIDTH - MARGIN.right}" y="${HEIGHT - 6}" text-anchor="end">step ${lastStep}</text>`,
-    line(steps.map((s) => [x(s.global_step), y(s.loss / maxLoss)]), "loss"),
-    line(steps.map((s) => [x(s.global_step), y(s.accuracy)]), "accuracy"),
+    // running means restart each epoch: one line per epoch
+    ...[...epochEnd.keys()].map((epoch) => {
+      const within = steps.filter((s) => s.epoch === epoch);
+      return line(within.map((s) => [x(s.global_step), y(s.loss / maxLoss)]), "loss") +
+        line(within.map((s) => [x(s.global_step), y(s.accuracy)]), "accuracy");
+    }),
     dots(ended.map((e) => [x(epochEnd.get(e.epoch)), y(e.loss / maxLoss)]), "loss"),
     dots(ended.map((e) => [x(epochEnd.get(e.epoch)), y(e.accuracy)]), "accuracy"),
   ].join("");
