@@ -46,7 +46,7 @@ class Logger:
         """Finish writing; the run is over."""
 
 
-def values(metrics: Mapping[str, float]) -> dict[str, float]:
+def metric_values(metrics: Mapping[str, float]) -> dict[str, float]:
     """The metrics proper: the "group/name" keys, without the plain ones that only place them."""
     return {name: float(value) for name, value in metrics.items() if "/" in name}
 
@@ -90,7 +90,7 @@ class TensorBoardLogger(Logger):
             self.writer.file_writer.add_summary(summary)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        for name, value in values(metrics).items():
+        for name, value in metric_values(metrics).items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
@@ -136,7 +136,7 @@ class MLflowLogger(Logger):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(name, value, now, step) for name, value in values(metrics).items()]
+        batch = [Metric(name, value, now, step) for name, value in metric_values(metrics).items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -191,7 +192,10 @@ def show_history(args: argparse.Namespace) -> int:
     from digitlab.plots import plot_history
 
     if args.model and Path(args.model).is_dir():
-        history, name = live_history(read_records(args.model)), Path(args.model).name
+        run_dir = Path(args.model)
+        history, name = live_history(read_records(run_dir)), run_dir.name
+        if not history["steps"] and (run_dir / "metrics.json").is_file():  # a run from before the live files
+            history = json.loads((run_dir / "metrics.json").read_text())
     else:
         card = _recognizer(args).card
         history = card.get("history", {})
