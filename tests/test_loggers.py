@@ -85,3 +85,32 @@ def test_log_is_checked_and_does_not_change_the_trajectory(capsys):
         TrainConfig(log=("wandb",)).validate()
     assert main(["train", "--log", "wandb", "-q"]) == 2
     assert "--log must be any of tensorboard, mlflow" in capsys.readouterr().err
+
+
+def test_a_resumed_run_purges_the_tensorboard_events_after_its_checkpoint(mnist, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from digitlab.loggers import TensorBoardLogger
+    from digitlab.model import build_model
+    from digitlab.train import Checkpoints, train
+
+    (x, y), _ = mnist
+    config = TrainConfig(epochs=2, seed=3, checkpoint_every=1, keep_checkpoints=100, device="cpu")
+
+    def run(resume: bool) -> None:
+        logger = TensorBoardLogger(tmp_path)
+        try:
+            train(build_model(seed=3), x[:160], y[:160], config, checkpoints=Checkpoints(tmp_path / "checkpoints", 100),
+                  resume=resume, progress=False, loggers=[logger])  # fmt: skip
+        finally:
+            logger.close()
+
+    run(resume=False)
+    for checkpoint in Checkpoints(tmp_path / "checkpoints").all():
+        if int(checkpoint.stem.split("-")[1]) > 3:
+            checkpoint.unlink()  # as if killed at the end: the newest checkpoint left is step 3's
+    run(resume=True)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == list(range(1, 11))
+    assert [event.step for event in events.Scalars("epoch/loss")] == [5, 10]
