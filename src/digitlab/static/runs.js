@@ -6,7 +6,7 @@
 const POLL_MS = 1000;
 const WIDTH = 600;
 const HEIGHT = 220;
-const MARGIN = { left: 44, right: 12, top: 12, bottom: 26 };
+const MARGIN = { left: 84, right: 12, top: 12, bottom: 26 };
 
 const runsCard = document.getElementById("runs");
 const runsList = document.getElementById("runs-list");
