@@ -69,6 +69,14 @@ def test_mlflow_follows_the_tracking_uri(tmp_path, monkeypatch):
     assert len(MlflowClient(uri).search_runs([experiment.experiment_id])) == 1
 
 
+def test_an_unusable_tracking_uri_is_one_line_and_leaves_no_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nowhere://tracking")
+    assert _train(tmp_path / "run", "mlflow") == 2
+    error = capsys.readouterr().err
+    assert "cannot log to MLflow at nowhere://tracking" in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(("name", "module"), [("tensorboard", "torch.utils.tensorboard"), ("mlflow", "mlflow.tracking")])
 def test_a_missing_logger_package_is_named_before_the_run_starts(name, module, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, module, None)  # as if the package were not installed

@@ -118,14 +118,21 @@ class MLflowLogger(Logger):
 
     def __init__(self, run_name: str, tracking_uri: str | None = None, experiment: str = "digitlab") -> None:
         try:
+            from mlflow.exceptions import MlflowException
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise _missing("mlflow-skinny", "mlflow") from None
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri()
-        self.client = MlflowClient(self.tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+        try:
+            self.client = MlflowClient(self.tracking_uri)
+            found = self.client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+        except MlflowException as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DigitlabError(
+                f"cannot log to MLflow at {self.tracking_uri} ({first_line}); check MLFLOW_TRACKING_URI"
+            ) from None
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param

@@ -131,9 +131,13 @@ def _claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> str | None:
 
 
 def make_loggers(names: tuple[str, ...], run_dir: Path) -> list[Logger]:
-    """The run directory's live files, then the loggers named by --log (each once)."""
-    makers = {"tensorboard": lambda: TensorBoardLogger(run_dir), "mlflow": lambda: MLflowLogger(run_dir.name)}
-    return [LiveFiles(run_dir), *(makers[name]() for name in dict.fromkeys(names))]
+    """The run directory's live files and the loggers named by --log (each once).
+
+    MLflow, which can fail to connect, is made first: then nothing is written before its error.
+    """
+    makers = {"mlflow": lambda: MLflowLogger(run_dir.name), "tensorboard": lambda: TensorBoardLogger(run_dir)}
+    chosen = [makers[name]() for name in makers if name in names]
+    return [LiveFiles(run_dir), *chosen]
 
 
 def run_training(
@@ -183,10 +187,9 @@ def run_training(
     settings = {"train": asdict(config), "dataset": dataset, "val_split": val_split, "limit": limit}
     loggers: list[Logger] = []
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        loggers = make_loggers(config.log, run_dir)
         write_json_atomic(run_dir / "config.json", settings)
         write_json_atomic(run_dir / "environment.json", environment())
-        loggers = make_loggers(config.log, run_dir)
     try:
         history, test, model, wall = _train_and_test(
             config, setup, run_dir, (x_fit, y_fit), validation, (x_test, y_test), settings, loggers,
