@@ -50,7 +50,7 @@ def test_torchrun_two_processes(tmp_path):
 
     # Only rank 0 wrote the run: one model, one history, with metrics over both ranks.
     assert sorted(p.name for p in run_dir.glob("*.safetensors")) == ["model.safetensors"]
-    assert sorted(p.name for p in run_dir.glob("metrics.*")) == ["metrics.csv", "metrics.json"]
+    assert sorted(p.name for p in run_dir.glob("metrics.*")) == ["metrics.csv", "metrics.json", "metrics.jsonl"]
     model, card = load_model(run_dir / "model.safetensors")
     assert all(torch.equal(model.state_dict()[k], s0[k]) for k in s0)
     assert [e["samples"] for e in card["history"]["epochs"]] == [LIMIT] * EPOCHS

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from digitlab.cli import main
 from digitlab.devices import Ranks
 from digitlab.errors import DigitlabError
+from digitlab.live import read_records
 from digitlab.model import build_model
 from digitlab.runs import run_training
 from digitlab.serialization import load_model
@@ -332,6 +333,11 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
         e["loss"] for e in card_b["history"]["epochs"]
     ]
     assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == 5
+    # The live files hold each step and epoch once, as the uninterrupted run's do.
+    def logged(run):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in read_records(run) if r["kind"] != "start"]
+
+    assert logged(run_dir) == logged(tmp_path / "reference")
 
 
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path, capsys):

@@ -34,10 +34,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 TRAINING_PRECISIONS = ("auto", "fp32", "bf16")  # no fp16: it would need loss scaling (a GradScaler)
+LOGGERS = ("tensorboard", "mlflow")  # besides the run directory's metrics.csv and metrics.jsonl
 
 
 # The option groups of `digitlab train`, in the order its help shows them.
-GROUPS = ("recipe", "optimisation", "augmentation", "validation", "checkpoints", "reproducibility and speed")
+GROUPS = ("recipe", "optimisation", "augmentation", "validation", "checkpoints", "logging", "reproducibility and speed")
 
 
 def setting(default: Any, help: str, group: str, *, trajectory: bool = False,
@@ -101,6 +102,13 @@ class TrainConfig:
     early_stopping: int = setting(0, "stop after PATIENCE epochs without validation improvement", "validation",
                                   check=(lambda v: v >= 0, ">= 0"), metavar="PATIENCE")  # fmt: skip
     restore_best: bool = setting(False, "end with the weights of the best validation epoch", "validation")
+    log: tuple[str, ...] = setting((), "also log to tensorboard (event files in the run directory) or mlflow "
+                                   "(MLFLOW_TRACKING_URI, else ./mlruns); repeatable", "logging",
+                                   check=(lambda v: all(name in LOGGERS for name in v), f"any of {', '.join(LOGGERS)}"),
+                                   metavar="NAME")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        self.log = tuple(self.log)  # a list from the command line or a JSON file: one form everywhere
 
     @classmethod
     def from_recipe(cls, recipe: str = "lab", **overrides: Any) -> TrainConfig:

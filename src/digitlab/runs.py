@@ -4,20 +4,21 @@ runs/<name>/
     config.json        the training settings and data options
     environment.json   versions, CPU, threads
     checkpoints/       resumable training state (newest few kept)
-    metrics.csv/json   per-epoch metrics
+    metrics.csv/jsonl  per-epoch (csv) and per-step (jsonl) metrics, growing while it trains
+    metrics.json       the whole history, when it is done
+    events.out.tfevents.*  TensorBoard's files (with --log tensorboard)
     model.safetensors  the final model, with its card in model.json
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import platform
 import shlex
 import shutil
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -32,11 +33,14 @@ from digitlab import devices
 from digitlab.data import load_mnist
 from digitlab.errors import DigitlabError
 from digitlab.evaluate import Evaluation, evaluate_sharded
+from digitlab.live import CSV_NAME, LiveFiles, epochs_csv, live_history, read_records
+from digitlab.loggers import Logger, MLflowLogger, TensorBoardLogger, check_available
 from digitlab.model import build_model, parameter_counts, summary
 from digitlab.serialization import check_model_path, save_model, write_json_atomic, write_text_atomic
 from digitlab.train import (
     Checkpoints,
     History,
+    Setup,
     TrainConfig,
     check_val_split,
     resolve_setup,
@@ -96,7 +100,7 @@ def new_run_dir(root: str | os.PathLike, config: TrainConfig) -> Path:
     return path
 
 
-RUN_OUTPUTS = ("model.safetensors", "model.json", "metrics.json", "metrics.csv")
+RUN_OUTPUTS = ("model.safetensors", "model.json", "metrics.json", "metrics.csv", "metrics.jsonl")
 
 
 def _claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> str | None:
@@ -111,9 +115,19 @@ def _claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> str | None:
             "or pass --overwrite to discard its checkpoints and model"
         )
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    for name in RUN_OUTPUTS:
-        (run_dir / name).unlink(missing_ok=True)
+    for path in [*(run_dir / name for name in RUN_OUTPUTS), *run_dir.glob("events.out.tfevents.*")]:
+        path.unlink(missing_ok=True)
     return None
+
+
+def make_loggers(names: tuple[str, ...], run_dir: Path) -> list[Logger]:
+    """The run directory's live files and the loggers named by --log (each once).
+
+    MLflow, which can fail to connect, is made first: then nothing is written before its error.
+    """
+    makers = {"mlflow": lambda: MLflowLogger(run_dir.name), "tensorboard": lambda: TensorBoardLogger(run_dir)}
+    chosen = [makers[name]() for name in makers if name in names]
+    return [LiveFiles(run_dir), *chosen]
 
 
 def run_training(
@@ -146,6 +160,7 @@ def run_training(
         check_model_path(output)
     config.validate()
     config.check_needs(validation=val_split > 0, checkpoints=True)
+    check_available(config.log)
     setup = resolve_setup(config)
     config = replace(config, seed=setup.seed)
     main = setup.ranks.is_main
@@ -160,27 +175,19 @@ def run_training(
         data_dir, dataset, limit, val_split, progress=progress and main
     )
     settings = {"train": asdict(config), "dataset": dataset, "val_split": val_split, "limit": limit}
+    loggers: list[Logger] = []
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        loggers = make_loggers(config.log, run_dir)
         write_json_atomic(run_dir / "config.json", settings)
         write_json_atomic(run_dir / "environment.json", environment())
-
-    model = build_model(seed=config.seed)
-    if main and progress:
-        print(summary(model))
-        print(f"Training on {len(x_fit):,} images ({dataset}), run directory {run_dir}")
-        print(f"Precision {setup.precision} on {setup.device}: {setup.precision_reason}")
-    started = time.perf_counter()
-    history = train(
-        model, x_fit, y_fit, config, validation=validation,
-        checkpoints=Checkpoints(run_dir / "checkpoints", keep=config.keep_checkpoints),
-        resume=resume, progress=progress, setup=setup,
-    )  # fmt: skip
-    wall = time.perf_counter() - started
-
-    test = evaluate_sharded(
-        model, x_test, y_test, ranks=setup.ranks, precision=setup.precision, device=setup.device
-    )
+    try:
+        history, test, model, wall = _train_and_test(
+            config, setup, run_dir, (x_fit, y_fit), validation, (x_test, y_test), settings, loggers,
+            resume=resume, progress=progress,
+        )  # fmt: skip
+    finally:
+        for logger in loggers:
+            logger.close()
     if main and progress:
         print(f"Elapsed time: {wall:.2f}s")
         print(f"Test loss: {test.loss:.4f} - test accuracy: {test.accuracy:.4f}")
@@ -189,10 +196,38 @@ def run_training(
     model_path = Path(output) if output is not None else run_dir / "model.safetensors"
     if main:
         write_json_atomic(run_dir / "metrics.json", history.to_dict())
-        write_text_atomic(run_dir / "metrics.csv", _epochs_csv(history))
+        write_text_atomic(run_dir / CSV_NAME, epochs_csv(history.epochs))
         save_model(model, model_path, card)
         print(f"Saved model to {model_path}")
     return RunResult(run_dir=run_dir, model_path=model_path, history=history, test=test, card=card)
+
+
+def _train_and_test(
+    config: TrainConfig, setup: Setup, run_dir: Path, fit: tuple[np.ndarray, np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray] | None, test_set: tuple[np.ndarray, np.ndarray],
+    settings: dict[str, Any], loggers: list[Logger], *, resume: bool, progress: bool,
+) -> tuple[History, Evaluation, torch.nn.Module, float]:  # fmt: skip
+    """Build the model, train it (reporting to `loggers`) and evaluate it on the test set."""
+    model = build_model(seed=config.seed)
+    for logger in loggers:
+        logger.log_hyperparams({**settings["train"], **{k: v for k, v in settings.items() if k != "train"}})
+        logger.log_images("train/images", fit[0][:16], step=0)
+    if setup.ranks.is_main and progress:
+        print(summary(model))
+        print(f"Training on {len(fit[0]):,} images ({settings['dataset']}), run directory {run_dir}")
+        print(f"Precision {setup.precision} on {setup.device}: {setup.precision_reason}")
+    started = time.perf_counter()
+    history = train(
+        model, *fit, config, validation=validation,
+        checkpoints=Checkpoints(run_dir / "checkpoints", keep=config.keep_checkpoints),
+        resume=resume, progress=progress, setup=setup, loggers=loggers,
+    )  # fmt: skip
+    wall = time.perf_counter() - started
+    test = evaluate_sharded(model, *test_set, ranks=setup.ranks, precision=setup.precision, device=setup.device)
+    last_step = history.steps[-1]["global_step"] if history.steps else 0
+    for logger in loggers:
+        logger.log_metrics({"test/loss": test.loss, "test/accuracy": test.accuracy}, step=last_step)
+    return history, test, model, wall
 
 
 def _load_data(
@@ -268,21 +303,12 @@ def resume_training(
     )  # fmt: skip
 
 
-def _epochs_csv(history: History) -> str:
-    columns = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "samples", "seconds"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history.epochs)
-    return buffer.getvalue()
-
-
 def list_runs(root: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[dict[str, Any]]:
     """Each run under `root` with its key figures, newest last."""
     runs = []
     for config_file in sorted(Path(root).glob("*/config.json")):
         try:
-            runs.append(_run_row(config_file.parent))
+            runs.append(describe_run(config_file.parent))
         except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
             runs.append({
                 "run": config_file.parent.name, "recipe": None, "epochs": 0, "train_accuracy": None,
@@ -292,12 +318,13 @@ def list_runs(root: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[dict[str, Any]
     return runs
 
 
-def _run_row(run_dir: Path) -> dict[str, Any]:
-    """One run's key figures from its files; raises if they are damaged."""
+def describe_run(run_dir: Path) -> dict[str, Any]:
+    """One run's key figures and status from its files; raises if they are damaged."""
     card_file = run_dir / "model.json"
     card = json.loads(card_file.read_text()) if card_file.is_file() else {}
     settings = json.loads((run_dir / "config.json").read_text())
-    epochs = card.get("history", {}).get("epochs") or _history_epochs(run_dir)
+    records = read_records(run_dir)
+    epochs = card.get("history", {}).get("epochs") or live_history(records)["epochs"]
     return {
         "run": run_dir.name,
         "recipe": settings.get("train", {}).get("recipe"),
@@ -306,10 +333,30 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
         "val_accuracy": epochs[-1].get("val_accuracy") if epochs else None,
         "test_accuracy": card.get("test", {}).get("accuracy"),
         "seconds": card.get("training_seconds"),
-        "status": "done" if card else "incomplete",
+        "status": "done" if card else run_status(records, settings.get("train", {}).get("epochs")),
     }
 
 
-def _history_epochs(run_dir: Path) -> list[dict[str, Any]]:
-    metrics = run_dir / "metrics.json"
-    return json.loads(metrics.read_text()).get("epochs", []) if metrics.is_file() else []
+def run_status(records: list[dict[str, Any]], epochs: int | None) -> str:
+    """How far an unfinished run got, from its metrics.jsonl records, and whether its process still runs."""
+    starts = [r for r in records if r.get("kind") == "start"]
+    steps = [r for r in records if r.get("kind") in ("train", "epoch")]
+    if not starts:
+        return "incomplete"
+    where = f"epoch {steps[-1]['epoch']}/{epochs}, step {steps[-1]['global_step']}" if steps else "starting"
+    if _process_alive(starts[-1]):
+        return f"running, {where}"
+    return f"stopped at {where} (continue it with --resume)" if steps else "incomplete"
+
+
+def _process_alive(start: dict[str, Any]) -> bool:
+    """Whether the process that wrote a start record still runs (only known on the same host)."""
+    if start.get("host") != socket.gethostname() or not isinstance(start.get("pid"), int):
+        return False
+    try:
+        os.kill(start["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -55,6 +55,7 @@ from digitlab.predict import (
     prepare_image,
 )
 from digitlab.preprocess import MAX_PIXELS, declared_pixels, load_image
+from digitlab.serve_runs import router as runs_router
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
 MAX_IMAGES = 64
@@ -283,12 +284,14 @@ def create_app(
     api_key: str | None = None,
     trusted_hosts: list[str] | None = None,
     device: str = "cpu",
+    runs_dir: str | os.PathLike | None = None,
 ) -> FastAPI:
     """The digitlab web service around one model (None: the bundled one), loaded now on `device`.
 
     `limits` (default: `max_body_bytes`, `max_images` and the module's other
     limits) bound each request; with `api_key`, /v1/ routes need it;
-    `trusted_hosts` (None: any) are the Host names accepted. Raises
+    `trusted_hosts` (None: any) are the Host names accepted; with `runs_dir`,
+    its training runs are served too (`digitlab.serve_runs`). Raises
     DigitlabError when the model cannot be loaded, so a server never starts without one.
     """
     model_name = Path(model_path).name if model_path is not None else bundled_model_path().name
@@ -309,6 +312,9 @@ def create_app(
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(router)
+    if runs_dir is not None:
+        app.state.runs_dir = Path(runs_dir)
+        app.include_router(runs_router)
     return app
 
 
@@ -415,6 +421,7 @@ def create_app_from_environment() -> FastAPI:
         api_key=settings["api_key"],
         trusted_hosts=settings["trusted_hosts"],
         device=settings["device"],
+        runs_dir=settings["runs_dir"],
     )
 
 
@@ -618,6 +625,7 @@ def serve(
     limits: Limits | None = None,
     max_connections: int = MAX_CONNECTIONS,
     device: str = "cpu",
+    runs_dir: str | os.PathLike | None = None,
 ) -> None:
     """Serve the API and the page with uvicorn until SIGINT or SIGTERM, then return.
 
@@ -625,7 +633,8 @@ def serve(
     environment variable) or `open_access`. `trusted_hosts` (default: the
     loopback names and `host`; any for a wildcard host) are the Host header
     values accepted. The model is loaded (and so checked) before anything
-    listens; each worker process loads its own copy, on `device`.
+    listens; each worker process loads its own copy, on `device`. With
+    `runs_dir`, the page also shows the training runs there and can draw against their models.
     """
     import uvicorn
     from uvicorn.supervisors import Multiprocess
@@ -645,7 +654,8 @@ def serve(
         )
     trusted_hosts = trusted_hosts or default_trusted_hosts(host)
     settings = {"model": str(model) if model is not None else None, "limits": asdict(limits),
-                "api_key": api_key, "trusted_hosts": trusted_hosts, "device": device}  # fmt: skip
+                "api_key": api_key, "trusted_hosts": trusted_hosts, "device": device,
+                "runs_dir": str(runs_dir) if runs_dir is not None else None}  # fmt: skip
     options = {
         "log_level": "info",
         "http": H11WithHeaderTimeout,
@@ -654,7 +664,8 @@ def serve(
         "limit_concurrency": max_connections,
     }
     if workers == 1:
-        app = create_app(model, limits=limits, api_key=api_key, trusted_hosts=trusted_hosts, device=device)
+        app = create_app(model, limits=limits, api_key=api_key, trusted_hosts=trusted_hosts, device=device,
+                         runs_dir=runs_dir)
         config = uvicorn.Config(app, **options)
     else:
         load_recognizer(model, device=device)  # fail here, with a clear message, rather than in every worker

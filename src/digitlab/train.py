@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from digitlab import devices
 from digitlab.config import TRAJECTORY_KEYS, TrainConfig
 from digitlab.errors import DigitlabError
 from digitlab.evaluate import evaluate_sharded
+from digitlab.loggers import Logger
 from digitlab.model import as_model_input
 from digitlab.serialization import load_checkpoint, load_model, save_checkpoint, save_model, unwrap
 
@@ -252,6 +254,7 @@ class _Run:
     checkpoints: Checkpoints | None = None
     validation: tuple[np.ndarray, np.ndarray] | None = None
     progress: bool = True
+    loggers: Sequence[Logger] = ()
     history: History = field(default_factory=History)
     best: dict[str, Any] = field(default_factory=lambda: {"epoch": -1, "val_accuracy": -1.0})
 
@@ -282,6 +285,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     setup: Setup | None = None,
+    loggers: Sequence[Logger] = (),
 ) -> History:
     """Fit `model` to the images and labels in place, as Keras' `fit` does; return the history.
 
@@ -294,6 +298,8 @@ def train(
     steps and at each epoch end, and `resume=True` continues from the newest
     checkpoint there. `setup` is the resolved device, ranks, seed and precision
     (default: `resolve_setup(config)`).
+    `loggers` get the running metrics every logging step and each epoch's
+    (`config.log` is for `digitlab.runs.run_training`, which makes them).
     """
     config = _with_keywords(config, epochs=epochs, batch_size=batch_size)
     if validation_split:
@@ -304,7 +310,7 @@ def train(
     config.check_needs(validation=validation is not None, checkpoints=checkpoints is not None)
     setup = setup or resolve_setup(config)
     run = _prepare(model, x_train, y_train, replace(config, seed=setup.seed), setup)
-    run.checkpoints, run.validation, run.progress = checkpoints, validation, progress
+    run.checkpoints, run.validation, run.progress, run.loggers = checkpoints, validation, progress, loggers
     position = _resume(run) if resume else Position()
     for epoch in range(position.epoch, config.epochs):
         sums, seconds = _train_epoch(run, position if epoch == position.epoch else Position(epoch))
@@ -372,6 +378,8 @@ def _resume(run: _Run) -> Position:
     _check_resumable(state, run.config, run.setup.ranks, latest)
     run.history = History.from_dict(state["history"])
     run.best = state["best"]
+    for logger in run.loggers:
+        logger.restart_at(state["global_step"], run.history.to_dict())
     if run.setup.ranks.is_main:
         print(f"Resuming from {latest} (epoch {state['epoch'] + 1}, step {state['step']})", file=sys.stderr)
     return Position(**{f.name: state[f.name] for f in fields(Position)})
@@ -406,7 +414,7 @@ def _train_epoch(run: _Run, start: Position) -> tuple[torch.Tensor, float]:
         _train_step(run, epoch_images[batch], epoch_labels[batch], epoch, global_step, sums)
         done = step + 1
         if done % max(1, run.steps_per_epoch // 50) == 0 or done == run.steps_per_epoch:
-            run.history.steps.append(_running(sums, epoch, done, global_step + 1))
+            _record_step(run, _running(sums, epoch, done, global_step + 1))
         now = time.perf_counter()
         if not bar.disable and (now - last_shown > 0.25 or done == run.steps_per_epoch):
             rate = (done - start.step) * config.batch_size * setup.ranks.world_size / max(now - started, 1e-9)
@@ -465,9 +473,21 @@ def _end_epoch(run: _Run, epoch: int, sums: torch.Tensor, seconds: float) -> dic
             if config.restore_best and run.checkpoints is not None and setup.ranks.is_main:
                 save_model(run.model, run.checkpoints.best_path, dict(run.best))
     run.history.epochs.append(record)
+    metrics = {f"epoch/{name}": value for name, value in record.items() if name != "epoch"}
+    for logger in run.loggers:
+        logger.log_metrics({"epoch": epoch + 1, **metrics}, step=(epoch + 1) * run.steps_per_epoch)
     if run.shows_progress:
         print(_epoch_line(record), file=sys.stdout, flush=True)
     return record
+
+
+def _record_step(run: _Run, running: dict[str, float]) -> None:
+    """Keep a logging step's running metrics in the history and give them to the loggers."""
+    run.history.steps.append(running)
+    metrics = {"epoch": running["epoch"], "step": running["step"],
+               "train/loss": running["loss"], "train/accuracy": running["accuracy"]}  # fmt: skip
+    for logger in run.loggers:
+        logger.log_metrics(metrics, step=running["global_step"])
 
 
 def _as_uint8_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:

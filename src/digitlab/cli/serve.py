@@ -61,6 +61,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"connection stays open (default {CLIENT_TIMEOUT:g})",
     )
     add_device_argument(parser)
+    parser.add_argument(
+        "--runs-dir",
+        metavar="DIR",
+        help="also show the training runs in DIR on the page (their curves, live) and draw against their models",
+    )
     parser.set_defaults(handler=run_serve)
 
 
@@ -78,5 +83,6 @@ def run_serve(args: argparse.Namespace) -> int:
         limits=Limits(time_budget=args.time_budget, client_timeout=args.client_timeout),
         max_connections=args.max_connections,
         device=args.device,
+        runs_dir=args.runs_dir,
     )
     return 0

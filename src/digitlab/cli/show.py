@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 
-from digitlab.cli._options import add_model_argument
+from digitlab.cli._options import MODEL_HELP, add_model_argument
 from digitlab.cli.data import add_data_arguments
 from digitlab.errors import DigitlabError
 
@@ -57,8 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mistakes.add_argument("--count", type=int, default=25, help="at most this many (default: %(default)s)")
     mistakes.add_argument("--limit", type=int, help="search only the first N test images")
 
-    picture("history", "loss and accuracy per epoch and per step, from the model's training history",
-            show_history, model=True, data=False)  # fmt: skip
+    history = picture("history", "loss and accuracy per epoch and per step, from the model's training history "
+                      "or from a run directory (also while it trains)", show_history, model=False, data=False)
+    add_model_argument(history, help=f"{MODEL_HELP}, or a run directory (also while it trains)")
     picture("filters", "the first convolution layer's 16 kernels (needs a .safetensors model)",
             show_filters, model=True, data=False)  # fmt: skip
 
@@ -186,11 +188,19 @@ def show_mistakes(args: argparse.Namespace) -> int:
 
 
 def show_history(args: argparse.Namespace) -> int:
+    from digitlab.live import live_history, read_records
     from digitlab.plots import plot_history
 
-    card = _recognizer(args).card
-    name = card.get("name") or (Path(args.model).name if args.model else "the bundled model")
-    figure = plot_history(card, title=f"Training history of {name}")
+    run_dir = Path(args.model) if args.model else None
+    if run_dir is not None and any((run_dir / name).is_file() for name in ("metrics.jsonl", "metrics.json")):
+        history, name = live_history(read_records(run_dir)), run_dir.name
+        if not history["steps"] and (run_dir / "metrics.json").is_file():  # a run from before the live files
+            history = json.loads((run_dir / "metrics.json").read_text())
+    else:
+        card = _recognizer(args).card
+        history = card.get("history", {})
+        name = card.get("name") or (Path(args.model).name if args.model else "the bundled model")
+    figure = plot_history(history, title=f"Training history of {name}")
     return _save(figure, args, "history.png")
 
 

@@ -26,6 +26,8 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> dict[str, argparse
         options = {"help": f.metadata["help"], "metavar": f.metadata["metavar"], "choices": f.metadata["choices"]}
         if f.name == "recipe":
             group.add_argument(option, default="lab", **options)
+        elif f.type == "tuple[str, ...]":
+            group.add_argument(option, action="append", **options)
         elif f.type == "bool":
             group.add_argument(option, action=argparse.BooleanOptionalAction, default=None, help=options["help"])
         else:

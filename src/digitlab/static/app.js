@@ -185,6 +185,17 @@ async function apiFetch(url, options = {}) {
   }
 }
 
+// With `digitlab serve --runs-dir`, runs.js fills #model-choice with the finished runs.
+function predictUrl() {
+  const run = document.getElementById("model-choice").value;
+  return run ? `/v1/runs/${encodeURIComponent(run)}/predict` : PREDICT_URL;
+}
+
+document.getElementById("model-choice").addEventListener("change", () => {
+  setVersion(version + 1);
+  requestPrediction();
+});
+
 async function requestPrediction() {
   firstChangeAt = null;
   if (!hasInk && !uploaded) return;
@@ -200,7 +211,7 @@ async function requestPrediction() {
     const form = new FormData();
     if (uploaded) form.append("files", uploaded, uploaded.name);
     else form.append("files", await canvasBlob(), "drawing.png");
-    const response = await apiFetch(PREDICT_URL, { method: "POST", body: form });
+    const response = await apiFetch(predictUrl(), { method: "POST", body: form });
     const body = await response.json();
     if (forVersion === version) {
       if (!response.ok) throw new Error(typeof body.detail === "string" ? body.detail : response.statusText);
@@ -245,7 +256,8 @@ function show(prediction, forVersion) {
     confidenceView.append(next);
   }
   setBars(prediction.probabilities, prediction.digit);
-  setStatus(uploaded ? `read ${uploaded.name}` : "read your drawing", "done");
+  const run = document.getElementById("model-choice").value;
+  setStatus(`${uploaded ? `read ${uploaded.name}` : "read your drawing"}${run ? ` with run ${run}` : ""}`, "done");
 }
 
 function setBars(probabilities, best) {
