@@ -87,7 +87,7 @@ def test_the_readme_snippet_loads_the_weights_without_digitlab(hf_dir, mnist, tm
         "import numpy",
         "batch = torch.from_numpy(numpy.load('images.npy')).float().div(255).unsqueeze(1)",
         "with torch.no_grad():",
-        "    numpy.save('probabilities.npy', model(batch).softmax(dim=1).numpy())",
+        "    numpy.save('probabilities.npy', (model(batch) / temperature).softmax(dim=1).numpy())",
     ])  # fmt: skip
     result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)  # fmt: skip
@@ -97,6 +97,7 @@ def test_the_readme_snippet_loads_the_weights_without_digitlab(hf_dir, mnist, tm
     np.testing.assert_array_equal(plain.argmax(axis=1), digitlab.labels)
     np.testing.assert_allclose(plain, digitlab.probabilities, atol=1e-4)
     assert (digitlab.labels == mnist[1][1][:256]).mean() > 0.9  # a trained model, not a constant answer
+    assert json.loads((hf_dir / "config.json").read_text())["temperature"] == load_recognizer(hf_dir).temperature
 
 
 def test_exporting_again_replaces_an_export_but_never_other_files(

@@ -88,7 +88,9 @@ def test_report_holds_the_model_card(page, small_model_path):
 def test_report_embeds_its_pictures_and_references_nothing_outside(page):
     parser = PageParser()
     parser.feed(page)
-    assert len(parser.images) == 3  # confusion matrix, mistakes, training curves
+    assert len(parser.images) == 4  # confusion matrix, mistakes, reliability diagram, training curves
+    assert "<h2>Calibration</h2>" in page and 'alt="reliability diagram"' in page
+    assert "not calibrated (T = 1)" in page  # a model trained without --val-split and not calibrated
     for source in parser.images:
         assert source.startswith("data:image/png;base64,")
         with Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))) as image:
@@ -105,7 +107,7 @@ def test_report_without_history_says_so(sample, small_model_path):
     recognizer.card = {key: value for key, value in recognizer.card.items() if key != "history"}
     page = build_report(recognizer, *sample, mistakes=4, model_name="a trimmed card")
     assert "The model card holds no training history." in page
-    assert page.count("data:image/png;base64,") == 2
+    assert page.count("data:image/png;base64,") == 3  # confusion matrix, mistakes, reliability diagram
     assert "a trimmed card, evaluated on" in page
 
 
@@ -118,7 +120,7 @@ def test_report_on_an_exported_onnx_model(sample, small_model_path, tmp_path):
     assert f"{evaluation.accuracy:.2%}" in page and "small.onnx, evaluated on 300 test images" in page
     assert "Architecture summary" not in page  # the ONNX file holds no PyTorch network to summarize
     assert html.escape(load_recognizer(small_model_path).card["architecture"]) in page
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("data:image/png;base64,") == 4
 
 
 def test_report_bad_input(sample, small_model_path, tmp_path):
@@ -141,7 +143,7 @@ def test_report_command_writes_the_page(tmp_path, capsys, mnist, small_model_pat
     out, err = capsys.readouterr()
     assert (status, out, err) == (0, f"wrote {output}\n", "")
     page = output.read_text(encoding="utf-8")
-    assert "evaluated on 200 test images" in page and page.count("data:image/png;base64,") == 3
+    assert "evaluated on 200 test images" in page and page.count("data:image/png;base64,") == 4
     assert f"{small_model_path.name}, evaluated on" in page
 
     monkeypatch.chdir(tmp_path)

@@ -18,7 +18,7 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
-from digitlab.inference import PREPROCESSING
+from digitlab.inference import PREPROCESSING, card_temperature
 from digitlab.model import FILTERS, KERAS_BN_EPSILON, NUM_CLASSES
 from digitlab.serialization import HF_CARD_KEY, HF_CONFIG, HF_WEIGHTS, check_finite
 
@@ -45,6 +45,7 @@ def hf_config(card: dict[str, Any]) -> dict[str, Any]:
         "kernel_size": 3,
         "batchnorm_eps": KERAS_BN_EPSILON,
         "num_classes": NUM_CLASSES,
+        "temperature": card_temperature(card),  # calibrated probabilities: softmax(logits / temperature)
         "preprocessing": PREPROCESSING,
         HF_CARD_KEY: card,
     }

@@ -9,6 +9,7 @@ runs an exported `.onnx` file with onnxruntime. Both batch their inputs with
 from __future__ import annotations
 
 import copy
+import math
 import os
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -42,6 +43,8 @@ PREPROCESSING = {
     "output": f"N×{NUM_CLASSES} logits for the digits 0-9 (softmax gives probabilities)",
 }
 CARD_KEY = "digitlab_card"
+CALIBRATION_KEY = "calibration"
+"""Where a model card keeps its temperature (`digitlab.calibration`): {"temperature": T, ...}."""
 
 
 def in_batches(
@@ -101,19 +104,36 @@ def batched_logits(
     return torch.from_numpy(in_batches(images, run, batch_size))
 
 
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities softmax(logits / temperature) of N×10 logits, as float32."""
+    scaled = torch.from_numpy(np.asarray(logits, dtype=np.float32)) / temperature
+    return torch.softmax(scaled, dim=1).numpy()
+
+
+def card_temperature(card: dict[str, Any]) -> float:
+    """The temperature a model card holds (`digitlab calibrate`), 1.0 for an uncalibrated model."""
+    calibration = card.get(CALIBRATION_KEY) or {}
+    temperature = calibration.get("temperature", 1.0) if isinstance(calibration, dict) else None
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise DigitlabError(
+            f"the model card's calibration temperature is {temperature!r}, not a positive number; "
+            "calibrate the model again with `digitlab calibrate`"
+        )
+    return float(temperature)
+
+
 @dataclass
 class Prediction:
-    """Model outputs for N images: raw logits, softmax probabilities, and the predicted digit."""
+    """Model outputs for N images: raw logits, probabilities softmax(logits / temperature), and the digit."""
 
     logits: np.ndarray
     probabilities: np.ndarray
     labels: np.ndarray
 
     @classmethod
-    def from_logits(cls, logits: np.ndarray) -> Prediction:
+    def from_logits(cls, logits: np.ndarray, temperature: float = 1.0) -> Prediction:
         logits = np.asarray(logits, dtype=np.float32)
-        probabilities = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-        return cls(logits=logits, probabilities=probabilities, labels=logits.argmax(axis=1))
+        return cls(logits=logits, probabilities=softmax(logits, temperature), labels=logits.argmax(axis=1))
 
     def top_k(self, k: int = 3) -> list[list[tuple[int, float]]]:
         """The k most probable digits of each image, with their probabilities."""
@@ -130,8 +150,14 @@ class DigitRecognizer(ABC):
     def logits(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """N×10 float32 logits for N images (uint8 or floats in [0, 1], 28×28)."""
 
+    @property
+    def temperature(self) -> float:
+        """The card's calibration temperature (1.0 when uncalibrated); `predict` divides the logits by it."""
+        return card_temperature(self.card)
+
     def predict(self, images: np.ndarray | torch.Tensor) -> Prediction:
-        return Prediction.from_logits(self.logits(images))
+        """Logits, calibrated probabilities (softmax of logits / `temperature`) and digits for N images."""
+        return Prediction.from_logits(self.logits(images), self.temperature)
 
 
 class Recognizer(DigitRecognizer):

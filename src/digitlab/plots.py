@@ -20,7 +20,9 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from digitlab.calibration import ECE_BINS, reliability
 from digitlab.errors import DigitlabError
+from digitlab.inference import softmax
 from digitlab.model import IMAGE_SIZE, NUM_CLASSES, as_model_input
 from digitlab.predict import Prediction
 from digitlab.serialization import atomic_path
@@ -325,6 +327,54 @@ def plot_history(history: Any, *, title: str | None = None) -> Figure:
         ax.legend(fontsize=8, loc="upper right" if key == "loss" else "lower right")
     if title:
         figure.suptitle(title)
+    return figure
+
+
+def reliability_sets(logits: np.ndarray, temperature: float) -> dict[str, np.ndarray]:
+    """The probabilities a reliability diagram compares: raw softmax, and with the temperature if it is not 1."""
+    sets = {"raw (T = 1)": softmax(logits)}
+    if temperature != 1.0:
+        sets[f"calibrated (T = {temperature:.3f})"] = softmax(logits, temperature)
+    return sets
+
+
+def plot_reliability(
+    labels: Sequence[int] | np.ndarray,
+    probabilities: Mapping[str, np.ndarray],
+    *,
+    bins: int = ECE_BINS,
+    title: str | None = None,
+) -> Figure:
+    """A reliability diagram: accuracy against confidence per bin, one line per set of N×10 probabilities.
+
+    `probabilities` maps a name (e.g. "raw", "calibrated") to the probabilities
+    of the same images; the legend gives each one's expected calibration error.
+    Points on the diagonal are calibrated; below it, overconfident. The lower
+    panel counts the images per bin (log scale).
+    """
+    if not probabilities:
+        raise DigitlabError("no probabilities to draw; pass at least one set")
+    figure = DigitFigure(figsize=(5.6, 6.2), layout="constrained")
+    curve_ax, count_ax = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    curve_ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    width = 1.0 / bins
+    for index, (name, values) in enumerate(probabilities.items()):
+        measured = reliability(values, np.asarray(labels), bins)
+        used = measured.counts > 0
+        color = f"C{index}"
+        curve_ax.plot(measured.confidence[used], measured.accuracy[used], "o-", color=color, markersize=4,
+                      label=f"{name}: ECE {measured.ece:.2%}")  # fmt: skip
+        offset = (index + 0.5) * width / len(probabilities)
+        count_ax.bar(measured.edges[:-1] + offset, measured.counts, width=width / len(probabilities), color=color)
+    curve_ax.set_xlim(0, 1)
+    curve_ax.set_ylim(0, 1.02)
+    curve_ax.set_ylabel("Accuracy in the bin")
+    curve_ax.grid(alpha=0.3)
+    curve_ax.legend(fontsize=8, loc="upper left")
+    count_ax.set_yscale("log")
+    count_ax.set_xlabel(f"Confidence (top probability, {bins} bins)")
+    count_ax.set_ylabel("Images")
+    curve_ax.set_title(title or f"Reliability diagram: {len(labels):,} images", fontsize=10)
     return figure
 
 

@@ -54,7 +54,8 @@ def predict(model: nn.Module | DigitRecognizer, images: np.ndarray | torch.Tenso
 
 
 DEFAULT_MIN_CONFIDENCE = 0.5
-LOW_CONFIDENCE_WARNING = "low confidence"
+"""Below this calibrated probability a prediction is marked "not sure": it is then more likely wrong than right."""
+LOW_CONFIDENCE_WARNING = "not sure"
 
 ImageSource = str | os.PathLike | bytes | BinaryIO | Image.Image | np.ndarray
 
@@ -68,6 +69,8 @@ class ImagePrediction:
     probability: float | None = None
     top_k: list[tuple[int, float]] = field(default_factory=list)
     probabilities: list[float] = field(default_factory=list)
+    runner_up: tuple[int, float] | None = None
+    """The second most probable digit and its probability."""
     image: np.ndarray | None = None
     """The 28×28 float32 image the network saw (white on black, in [0, 1])."""
     error: str | None = None
@@ -85,6 +88,7 @@ class ImagePrediction:
             "digit": self.digit,
             "probability": self.probability,
             "top_k": [{"digit": digit, "probability": probability} for digit, probability in self.top_k],
+            "runner_up": None if self.runner_up is None else dict(zip(("digit", "probability"), self.runner_up)),
             "probabilities": self.probabilities,
             "warnings": self.warnings,
             "error": self.error,
@@ -135,9 +139,11 @@ def classify(
     if not ready:
         return
     prediction = recognizer.predict(np.stack([result.image for result in ready]))
-    for result, probabilities, best in zip(ready, prediction.probabilities, prediction.top_k(top_k)):
+    ranked = prediction.top_k(max(top_k, 2))
+    for result, probabilities, best in zip(ready, prediction.probabilities, ranked):
         result.digit, result.probability = best[0]
-        result.top_k = best
+        result.runner_up = best[1]
+        result.top_k = best[:top_k]
         result.probabilities = [float(p) for p in probabilities]
         if result.probability < min_confidence:
             result.warnings = [LOW_CONFIDENCE_WARNING, *result.warnings]
@@ -157,8 +163,8 @@ def predict_images(
     through the MNIST-style `preprocess`; pictures are then run through the
     network `batch_size` at a time. A picture that cannot be read, or has no
     ink, gets an `ImagePrediction` with `error` set and the rest go on.
-    Predictions below `min_confidence` and pictures that seem to hold several
-    digits carry warnings. `model`: None for the bundled model, a model file,
+    Predictions whose (calibrated) probability is below `min_confidence` are
+    marked "not sure", and pictures that seem to hold several digits are marked too. `model`: None for the bundled model, a model file,
     or a model/recognizer in memory. `progress` shows a bar on stderr (on a terminal).
     """
     if top_k < 1 or batch_size < 1:

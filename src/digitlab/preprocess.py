@@ -17,9 +17,11 @@ A scan, a phone photo or a paint-program drawing is none of that, so
    the ink to 1, and zero faint pixels that are not next to ink (the strokes' anti-aliased rim stays).
 6. `remove_border_lines` and `remove_specks`: drop a frame drawn around the digit and small
    specks of noise (`connected_components` labels the ink).
-7. `crop_to_ink`: crop to the ink's bounding box, with a margin of background.
-8. `fit_to_box`: scale the longer side of the ink to 20 px, keeping the aspect ratio.
-9. `center_by_mass`: paste into 28×28 so that the centre of mass is at the centre.
+7. `sharpen`: when the digit will be shrunk well down to fit the box, sharpen it at the box's scale (unsharp
+   masking), which gives back the gaps and corners that a blurry or enlarged low-resolution digit lost.
+8. `crop_to_ink`: crop to the ink's bounding box, with a margin of background.
+9. `fit_to_box`: scale the longer side of the ink to 20 px, keeping the aspect ratio.
+10. `center_by_mass`: paste into 28×28 so that the centre of mass is at the centre.
 
 A 28×28 MNIST digit (white on black, uint8 or floats in [0, 1]) goes through
 these steps essentially unchanged. `load_image` opens untrusted files safely.
@@ -56,6 +58,10 @@ MIN_CONTRAST = 0.08
 MIN_INK_LEVEL = 0.1
 SPECK_FRACTION = 0.05
 DIGIT_FRACTION = 0.25
+SHARPEN_SIGMA = 2.0
+SHARPEN_AMOUNT = 1.0
+SHARPEN_ABOVE = 1.5
+"""`sharpen` acts on ink more than 1.5 times the box's size: never on a 28×28 digit, anti-aliased rim and all."""
 MAX_SINGLE_DIGIT_ASPECT = 1.5
 NO_INK_MESSAGE = "no ink found in the image: it is blank or has too little contrast; crop it to the digit"
 MULTIPLE_DIGITS_WARNING = "may contain more than one digit"
@@ -182,7 +188,7 @@ def preprocess_with_report(image: Image.Image | np.ndarray) -> tuple[np.ndarray,
     ink, pieces = _specks_and_pieces(remove_border_lines(ink))
     top, left, bottom, right = ink_box(ink)
     multiple = looks_like_several_digits(ink, pieces)
-    digit = center_by_mass(fit_to_box(crop_to_ink(ink)))
+    digit = center_by_mass(fit_to_box(crop_to_ink(sharpen(ink))))
     row_scale, col_scale = original_height / grey.shape[0], original_width / grey.shape[1]
     report = PreprocessReport(
         inverted=dark,
@@ -555,6 +561,33 @@ def ink_box(ink: np.ndarray) -> tuple[int, int, int, int]:
     if rows.size == 0:
         raise DigitlabError(NO_INK_MESSAGE)
     return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def sharpen(ink: np.ndarray, sigma: float = SHARPEN_SIGMA, amount: float = SHARPEN_AMOUNT) -> np.ndarray:
+    """Unsharp masking at the scale of the 20-pixel box: ink + amount × (ink − Gaussian blur), in [0, 1].
+
+    `sigma` is in pixels of the box: the blur follows the ink's size, so a digit
+    gets the same sharpening however large the picture. Blurred and enlarged
+    low-resolution digits (an 8×8 scan blown up to 64×64) have their thick, soft
+    strokes run together at loops and corners; sharpening opens them again.
+    Ink that is not much larger than the box (`SHARPEN_ABOVE`: a 28×28 MNIST digit) is returned unchanged.
+    """
+    top, left, bottom, right = ink_box(ink)
+    side = max(bottom - top, right - left)
+    if side <= SHARPEN_ABOVE * BOX_SIZE:
+        return ink
+    spread = sigma * side / BOX_SIZE
+    blurred = _gaussian_matrix(ink.shape[0], spread) @ ink @ _gaussian_matrix(ink.shape[1], spread).T
+    sharpened = np.clip(ink + amount * (ink - blurred), 0.0, 1.0)
+    return np.where(sharpened >= MIN_INK_LEVEL / 2, sharpened, 0.0).astype(np.float32)
+
+
+def _gaussian_matrix(size: int, sigma: float) -> np.ndarray:
+    """The matrix of a 1-D Gaussian blur of `size` samples, with zeros beyond the edges."""
+    offsets = np.arange(size, dtype=np.float32)
+    weights = np.exp(-((offsets[:, None] - offsets[None, :]) ** 2) / np.float32(2 * sigma**2))
+    reach = np.arange(-math.ceil(4 * sigma), math.ceil(4 * sigma) + 1, dtype=np.float32)
+    return weights / np.exp(-(reach**2) / np.float32(2 * sigma**2)).sum()
 
 
 def crop_to_ink(ink: np.ndarray, margin: float = 0.15) -> np.ndarray:

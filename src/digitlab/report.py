@@ -148,6 +148,25 @@ def _metrics_section(evaluation: Evaluation, names: Sequence[str]) -> str:
     )
 
 
+def _calibration_section(logits: np.ndarray, labels: np.ndarray, temperature: float, dpi: float) -> str:
+    """The reliability diagram of the test predictions, before and after the card's temperature."""
+    text = (
+        f"<p>Probabilities are softmax(logits / T) with the card's temperature T = {temperature:.4f}, fitted on "
+        "held-out training images (<code>digitlab calibrate</code>).</p>"
+        if temperature != 1.0
+        else "<p>The model is not calibrated (T = 1); <code>digitlab calibrate</code> fits a temperature.</p>"
+    )
+    figure = plots.plot_reliability(labels, plots.reliability_sets(logits, temperature))
+    return f"<h2>Calibration</h2>\n{text}\n" + _image(figure, "reliability diagram", dpi)
+
+
+def _history_section(card: Mapping[str, Any], dpi: float) -> str:
+    history = card.get("history") or {}
+    if history.get("epochs") or history.get("steps"):
+        return "<h2>Training curves</h2>\n" + _image(plots.plot_history(history), "training loss and accuracy", dpi)
+    return "<h2>Training curves</h2>\n<p>The model card holds no training history.</p>"
+
+
 def build_report(
     model: str | os.PathLike | Recognizer | nn.Module | None,
     x_test: np.ndarray,
@@ -164,7 +183,7 @@ def build_report(
     `model` is a model file (.safetensors or .onnx; None: the bundled model), a
     network or a `Recognizer`; `model_name` says how the page names it. The page holds the model card, test loss and
     accuracy, per-class precision/recall/F1, the confusion matrix, the most
-    confident mistakes and the training curves, with every image embedded.
+    confident mistakes, the reliability diagram and the training curves, with every image embedded.
     """
     recognizer, default_name = _recognizer(model)
     model_name = model_name or default_name
@@ -195,12 +214,8 @@ def build_report(
             dpi,
         )
     )
-    sections.append("<h2>Training curves</h2>")
-    history = card.get("history") or {}
-    if history.get("epochs") or history.get("steps"):
-        sections.append(_image(plots.plot_history(history), "training loss and accuracy", dpi))
-    else:
-        sections.append("<p>The model card holds no training history.</p>")
+    sections.append(_calibration_section(prediction.logits, labels, recognizer.temperature, dpi))
+    sections.append(_history_section(card, dpi))
 
     try:
         version = metadata.version("digitlab")

@@ -75,7 +75,7 @@ SETTINGS_ENVIRONMENT_VARIABLE = "DIGITLAB_SERVE_SETTINGS"
 API_KEY_ENVIRONMENT_VARIABLE = "DIGITLAB_API_KEY"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1")
 CARD_FIELDS = ("name", "architecture", "parameters", "input", "config", "dataset", "val_split", "limit",
-               "data_sha256", "history", "training_seconds", "test", "created")  # fmt: skip
+               "data_sha256", "history", "training_seconds", "test", "calibration", "created")  # fmt: skip
 """What `/v1/model` shows of a model card: not the training command (local paths) nor the machine."""
 
 log = logging.getLogger("uvicorn.error")
@@ -99,10 +99,11 @@ class PixelImages(BaseModel):
 class ImageResult(BaseModel):
     source: str = Field(description="the uploaded file's name, or images[i] for pixel arrays")
     digit: int | None = Field(description="the predicted digit; null when the image could not be read")
-    probability: float | None = Field(description="the predicted digit's probability")
+    probability: float | None = Field(description="the predicted digit's probability, calibrated by the model card's temperature")
     probabilities: list[float] | None = Field(description="probability of each digit 0-9")
     top_k: list[tuple[int, float]] | None = Field(description="the most probable digits, best first")
-    warnings: list[str] = Field(description="reasons to doubt the prediction, e.g. low confidence")
+    runner_up: tuple[int, float] | None = Field(None, description="the second most probable digit and its probability")
+    warnings: list[str] = Field(description='reasons to doubt the prediction, e.g. "not sure"')
     error: str | None = Field(description="why no digit was predicted, e.g. an image with no ink")
     image: str | None = Field(None, description="the 28×28 image the model saw, base64 PNG (on request)")
 
@@ -542,6 +543,7 @@ def image_result(result: ImagePrediction, return_image: bool) -> ImageResult:
         probability=None if failed else float(result.probability),
         probabilities=None if failed else [float(p) for p in result.probabilities],
         top_k=None if failed else [(int(d), float(p)) for d, p in result.top_k],
+        runner_up=None if failed or result.runner_up is None else (int(result.runner_up[0]), float(result.runner_up[1])),
         warnings=list(result.warnings),
         error=result.error,
         image=png_base64(result.image) if return_image and result.image is not None else None,

@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         metavar="P",
-        help="mark predictions whose probability is below P as low confidence (default 0.5)",
+        help="mark predictions whose calibrated probability is below P as 'not sure' (default 0.5)",
     )
     parser.add_argument(
         "--show-preprocessed",
@@ -125,21 +125,22 @@ def _format_top_k(top_k: list[tuple[int, float]]) -> str:
 
 
 def format_table(results: list[ImagePrediction]) -> str:
-    """An aligned text table: file, digit, probability, the top-k alternatives and any warnings."""
-    header = ("file", "digit", "probability", "top-k", "notes")
+    """An aligned text table: file, digit, probability, the runner-up, the top-k alternatives and any warnings."""
+    header = ("file", "digit", "probability", "runner-up", "top-k", "notes")
     rows = [
-        (r.source, str(r.digit), f"{r.probability:.3f}", _format_top_k(r.top_k), "; ".join(r.warnings))
+        (r.source, str(r.digit), f"{r.probability:.3f}", _format_top_k([r.runner_up] if r.runner_up else []),
+         _format_top_k(r.top_k), "; ".join(r.warnings))
         for r in results
-    ]
+    ]  # fmt: skip
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)
 
 
 def write_csv(results: list[ImagePrediction], stream: TextIO) -> None:
-    """One CSV row per file: file, digit, probability, top_k ("digit:probability" pairs), warnings, error."""
+    """One CSV row per file: file, digit, probability, top_k ("digit:probability" pairs), warnings, error, runner_up."""
     writer = csv.writer(stream, lineterminator="\n")
-    writer.writerow(["file", "digit", "probability", "top_k", "warnings", "error"])
+    writer.writerow(["file", "digit", "probability", "top_k", "warnings", "error", "runner_up"])
     for r in results:
         writer.writerow(
             [
@@ -149,6 +150,7 @@ def write_csv(results: list[ImagePrediction], stream: TextIO) -> None:
                 _format_top_k(r.top_k),
                 "; ".join(r.warnings),
                 r.error or "",
+                _format_top_k([r.runner_up] if r.runner_up else []),
             ]
         )
 

@@ -1,4 +1,4 @@
-"""`digitlab show heatmap|grid|predictions|confusion|mistakes|history|filters|activations`: pictures as files."""
+"""`digitlab show heatmap|grid|predictions|confusion|mistakes|calibration|history|filters|activations`: pictures as files."""
 
 from __future__ import annotations
 
@@ -57,6 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        show_mistakes, model=True, data=True)  # fmt: skip
     mistakes.add_argument("--count", type=int, default=25, help="at most this many (default: %(default)s)")
     mistakes.add_argument("--limit", type=int, help="search only the first N test images")
+
+    calibration = picture("calibration", "reliability diagram on the test set, before and after the card's temperature",
+                          show_calibration, model=True, data=True)  # fmt: skip
+    calibration.add_argument("--limit", type=int, help="use only the first N test images")
 
     history = picture("history", "loss and accuracy per epoch and per step, from the model's training history "
                       "or from a run directory (also while it trains)", show_history, model=False, data=False)
@@ -218,3 +222,12 @@ def show_activations(args: argparse.Namespace) -> int:
     _check_index(args.index, len(images), _split_name(args))
     figure = plot_activations(recognizer, images[args.index], labels[args.index], class_names=_class_names(args))
     return _save(figure, args, f"activations-{args.split}-{args.index}.png")
+
+
+def show_calibration(args: argparse.Namespace) -> int:
+    from digitlab.plots import plot_reliability, reliability_sets
+
+    recognizer = _recognizer(args)
+    images, labels = _limited(*_split(args), args.limit)
+    figure = plot_reliability(labels, reliability_sets(recognizer.logits(images), recognizer.temperature))
+    return _save(figure, args, "calibration.png")

@@ -246,9 +246,11 @@ function show(prediction, forVersion) {
     return;
   }
   digitView.textContent = String(prediction.digit);
-  const [, runnerUp] = prediction.top_k;
+  const runnerUp = prediction.runner_up;
+  const percent = `${(prediction.probability * 100).toFixed(1)}%`;
   confidenceView.innerHTML = "";
-  confidenceView.append(`${(prediction.probability * 100).toFixed(1)}% sure`);
+  // The server marks calibrated probabilities below its threshold (default 50%) "not sure".
+  confidenceView.append(prediction.warnings.includes("not sure") ? `not sure (${percent})` : `${percent} sure`);
   if (runnerUp) {
     const next = document.createElement("div");
     next.className = "runner-up";
