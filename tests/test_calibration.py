@@ -122,6 +122,7 @@ def test_the_served_model_applies_the_card_temperature(calibrated, mnist):
         assert record["runner_up"][0] == runner_up and record["runner_up"][1] == pytest.approx(row[runner_up], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_calibrated_ece_on_the_test_set_is_small(calibrated, mnist):
     _, calibrated_path, result = calibrated
     _, (x_test, y_test) = mnist

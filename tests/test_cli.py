@@ -107,6 +107,7 @@ def test_two_different_models_are_refused_in_one_line(capsys) -> None:
 @pytest.mark.parametrize(("line", "expected"), [("digitlab train --rec", {"--recipe"}),
                                                 ("digitlab train --recipe ", set(RECIPES)),
                                                 ("digitlab export --format ", set(FORMATS))])  # fmt: skip
+@pytest.mark.slow
 def test_shell_completion_offers_options_and_choices(tmp_path, line, expected) -> None:
     import digitlab
 

@@ -49,6 +49,7 @@ def test_precisions_that_cannot_run_are_refused(precision: str, message: str) ->
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
     reason="the allocator setting exists in glibc only",
 )
+@pytest.mark.slow
 def test_training_steps_reuse_their_memory_once_it_is_kept() -> None:
     """30 lab steps fault in less memory than one step's activations (about 10,000 pages) use."""
     script = textwrap.dedent(

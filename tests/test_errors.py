@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -66,10 +68,10 @@ def test_an_unreadable_picture_gets_an_error_row_and_the_others_their_digits(mni
     before = snapshot(tmp_path)
     status = main(["predict", str(tmp_path / "pictures"), "--csv"])
     captured = capsys.readouterr()
-    rows = {row.split(",")[0]: row for row in captured.out.strip().splitlines()[1:]}
+    rows = {row["file"]: row for row in csv.DictReader(io.StringIO(captured.out))}
     assert status == 1  # the command's documented status when some files failed (2 is for usage errors)
-    assert rows[str(locked)].endswith("check its permissions")
-    assert all(rows[str(path)].split(",")[1].isdigit() for path in readable)
+    assert rows[str(locked)]["error"].endswith("check its permissions")
+    assert all(rows[str(path)]["digit"].isdigit() for path in readable)
     lines = captured.err.strip().splitlines()
     assert lines == [f"digitlab: error: {locked}: cannot be read (Permission denied); check its permissions"]
     assert snapshot(tmp_path) == before
@@ -126,6 +128,7 @@ def test_runs_lists_the_others_and_marks_a_damaged_run(small_model_path, tmp_pat
 # File names that the console's encoding cannot show
 
 
+@pytest.mark.slow
 def test_a_file_name_that_is_not_utf8_is_shown_under_a_strict_stdout_encoding(mnist, tmp_path):
     [digit] = write_digits(mnist, tmp_path, 1)
     odd = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")  # Latin-1 bytes: not UTF-8
@@ -223,6 +226,7 @@ def test_a_run_directory_that_holds_a_run_is_not_reused(finished_run, capsys):
     assert snapshot(finished_run) == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_previous_run_and_keeps_the_new_checkpoints(finished_run, capsys):
     old_checkpoints = {p.name for p in (finished_run / "checkpoints").iterdir()}
     args = ["train", "--run-dir", str(finished_run), "--overwrite", "--limit", "64", "--seed", "3",
@@ -262,6 +266,7 @@ def test_atomic_writes_fsync_the_file_and_then_its_directory(tmp_path, monkeypat
     assert Path(synced[1]) == tmp_path  # the directory, after the rename
 
 
+@pytest.mark.slow
 def test_the_callers_config_is_not_changed_by_a_run(tmp_path):
     from digitlab.runs import run_training
     from digitlab.train import TrainConfig

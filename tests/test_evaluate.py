@@ -19,6 +19,7 @@ from digitlab.predict import load_recognizer, predict
 from digitlab.serialization import load_model, save_model
 
 
+@pytest.mark.slow
 def test_bundled_model_scores_what_its_card_says(mnist, bundled_model_path):
     _, (x_test, y_test) = mnist
     model, card = load_model(bundled_model_path)
@@ -31,6 +32,7 @@ def test_bundled_model_scores_what_its_card_says(mnist, bundled_model_path):
     assert card["data_sha256"]["x_test"] and card["training_seconds"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])  # bf16: emulated on AVX2
 def test_bundled_model_scores_its_card_in_fp32_and_bf16(mnist, bundled_model_path, precision):
     _, (x_test, y_test) = mnist
@@ -40,6 +42,7 @@ def test_bundled_model_scores_its_card_in_fp32_and_bf16(mnist, bundled_model_pat
     assert abs(accuracy - card["test"]["accuracy"]) <= 3 / 10_000
 
 
+@pytest.mark.slow
 def test_evaluate_command_prints_loss_accuracy_and_classes(bundled_model_path, capsys):
     assert main(["evaluate", str(bundled_model_path), "--data-dir", str(mnist_dir()), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
@@ -127,6 +130,7 @@ def test_a_missing_model_file(tmp_path, capsys):
     assert "model file not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_bf16_inference_network_agrees_with_the_fp32_model(mnist, bundled_model_path):
     _, (x_test, y_test) = mnist
     model, _ = load_model(bundled_model_path)

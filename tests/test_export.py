@@ -146,6 +146,7 @@ def test_a_failed_parity_check_writes_no_file(bundled_model_path, test_images, t
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_export_takes_a_network_in_memory_and_leaves_it_untouched(mnist, tmp_path):
     model = build_model(seed=3)
     model.train()
@@ -157,6 +158,7 @@ def test_export_takes_a_network_in_memory_and_leaves_it_untouched(mnist, tmp_pat
     assert load_onnx_recognizer(report.path).card == {}
 
 
+@pytest.mark.slow
 def test_export_takes_a_recognizer_and_keeps_its_card(bundled_model_path, mnist, tmp_path):
     recognizer = load_recognizer(bundled_model_path)
     report = export_model(recognizer, tmp_path / "from-recognizer.onnx", check_images=mnist[1][0][:32])
@@ -204,6 +206,7 @@ def test_export_refuses_unknown_formats_and_mismatched_names(bundled_model_path,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_export_then_evaluate_the_onnx_file(bundled_model_path, mnist, tmp_path, capsys):
     output = tmp_path / "cli.onnx"
     data = ["--data-dir", str(mnist_dir())]
@@ -223,6 +226,7 @@ def test_cli_export_then_evaluate_the_onnx_file(bundled_model_path, mnist, tmp_p
     assert onnx_metrics["loss"] == pytest.approx(pytorch_fp32.loss, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_export_pt2(bundled_model_path, tmp_path, capsys):
     output = tmp_path / "cli.pt2"
     args = ["export", "--model", str(bundled_model_path), "--format", "pt2", "-o", str(output)]

@@ -77,6 +77,7 @@ def test_digitlab_loads_the_directory_with_the_same_answers(hf_dir, bundled_mode
     np.testing.assert_allclose(recognizer.predict(images).probabilities, expected.probabilities, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_readme_snippet_loads_the_weights_without_digitlab(hf_dir, mnist, tmp_path):
     images = mnist[1][0][:256]
     np.save(tmp_path / "images.npy", images)
@@ -125,6 +126,7 @@ def test_a_directory_without_the_files_is_one_clear_error(tmp_path, capsys):
     assert error.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_cli_export_hf_then_evaluate_predict_the_directory(tmp_path, capsys, mnist):
     output = tmp_path / "cli-hf"
     data = ["--data-dir", str(mnist_dir())]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import mnist_dir
 
 from digitlab.cli import main
@@ -40,6 +41,7 @@ def _train_logged(run_dir: Path, x, y, *, resume: bool = False) -> None:
         live.close()
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_each_line_of_the_live_files_once(mnist, tmp_path):
     (x, y), _ = mnist
     x, y = x[:160], y[:160]  # 5 steps an epoch, each one logged
@@ -90,6 +92,7 @@ def wait_for_line(process: subprocess.Popen, pattern: str) -> list[str]:
     raise AssertionError(f"the run ended (status {process.wait()}) before printing {pattern!r}:\n{''.join(seen)}")
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_can_be_read_while_the_run_trains(tmp_path, capsys):
     run_dir = tmp_path / "runs" / "live"
     command = [

@@ -20,6 +20,7 @@ def _train(run_dir, *log: str) -> int:
     ])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_hold_the_run(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -40,6 +41,7 @@ def test_tensorboard_event_files_hold_the_run(tmp_path):
     assert any(tag.endswith("session_start_info") for tag in events.PluginTagToContent("hparams"))
 
 
+@pytest.mark.slow
 def test_mlflow_logs_to_a_local_store_by_default(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -57,6 +59,7 @@ def test_mlflow_logs_to_a_local_store_by_default(tmp_path, monkeypatch):
     assert 0 <= run.data.metrics["test/accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_mlflow_follows_the_tracking_uri(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -95,6 +98,7 @@ def test_log_is_checked_and_does_not_change_the_trajectory(capsys):
     assert "--log must be any of tensorboard, mlflow" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_resumed_run_purges_the_tensorboard_events_after_its_checkpoint(mnist, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

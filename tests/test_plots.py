@@ -227,6 +227,7 @@ def test_activations_show_each_conv_block(small):
     assert f"predicted {prediction.labels[0]}" in figure.axes[0].get_xlabel()
 
 
+@pytest.mark.slow
 def test_filters_and_activations_need_the_pytorch_network(small, tmp_path):
     from digitlab.export import export_model
 

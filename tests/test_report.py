@@ -102,6 +102,7 @@ def test_report_embeds_its_pictures_and_references_nothing_outside(page):
         assert external not in page
 
 
+@pytest.mark.slow
 def test_report_without_history_says_so(sample, small_model_path):
     recognizer = load_recognizer(small_model_path)
     recognizer.card = {key: value for key, value in recognizer.card.items() if key != "history"}
@@ -111,6 +112,7 @@ def test_report_without_history_says_so(sample, small_model_path):
     assert "a trimmed card, evaluated on" in page
 
 
+@pytest.mark.slow
 def test_report_on_an_exported_onnx_model(sample, small_model_path, tmp_path):
     from digitlab.export import export_model
 
@@ -136,6 +138,7 @@ def test_report_bad_input(sample, small_model_path, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_report_command_writes_the_page(tmp_path, capsys, mnist, small_model_path, monkeypatch):
     monkeypatch.setattr(digitlab.data, "load_mnist", lambda *args, **kwargs: mnist)
     output = tmp_path / "report.html"

@@ -61,16 +61,19 @@ def test_lab_recipe_one_full_epoch_learns_mnist(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_lab_recipe_learns_in_bf16(tmp_path, capsys):
-    """bf16 autocast, on the first 6,000 images: native on AVX-512 BF16 / AMX, emulated (slow) on AVX2."""
+    """bf16 autocast, on the first 12,000 images: native on AVX-512 BF16 / AMX, emulated (slow) on AVX2."""
     run_dir = tmp_path / "run"
-    argv = ["train", "--seed", "0", "--precision", "bf16", "--limit", "6000", "--data-dir", str(mnist_dir())]
+    argv = ["train", "--seed", "0", "--precision", "bf16", "--limit", "12000", "--data-dir", str(mnist_dir())]
     assert main([*argv, "--run-dir", str(run_dir)]) == 0
     assert "Precision bf16" in capsys.readouterr().out
     _, card = load_model(run_dir / "model.safetensors")
-    assert card["config"]["precision"] == "bf16" and card["history"]["epochs"][0]["samples"] == 6_000
-    assert card["test"]["accuracy"] >= 0.60  # 188 steps: fp32 seeds 0-7 gave SMALL_RUN_RANGE (tests/test_notebook.py)
+    epoch = card["history"]["epochs"][0]
+    assert card["config"]["precision"] == "bf16" and epoch["samples"] == 12_000
+    # 375 steps in fp32, seeds 0-5: 76.1-77.2% train accuracy over the epoch, 38-66% test (tests/test_notebook.py)
+    assert epoch["accuracy"] >= 0.60 and card["test"]["accuracy"] >= 0.20
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights_and_metrics(mnist):
     (x, y), _ = mnist
     # CPU: CUDA's convolution backward is not deterministic.
@@ -87,6 +90,7 @@ def test_same_seed_gives_identical_weights_and_metrics(mnist):
     assert not same_weights(models[0], other)
 
 
+@pytest.mark.slow
 def test_clean_epochs_end_an_augmented_run_on_unaltered_images(mnist):
     """The first epoch is augmented as in a fully augmented run; the clean last epoch is not."""
     (x, y), _ = mnist
@@ -139,6 +143,7 @@ def test_learning_rate_schedules():
     assert learning_rate(TrainConfig(lr=0.1), 50, 100) == 0.1
 
 
+@pytest.mark.slow
 def test_checkpoints_keep_the_newest(mnist, tmp_path):
     (x, y), _ = mnist
     checkpoints = Checkpoints(tmp_path, keep=2)
@@ -262,6 +267,7 @@ def test_val_split_outside_zero_one_is_rejected(fraction, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_early_stopping_and_restore_best(mnist, tmp_path):
     (x, y), _ = mnist
     result = run_training(
@@ -351,6 +357,7 @@ def test_runs_lists_runs_with_their_metrics(small_model_path, capsys):
     assert small_model_path.parent.name in out and "done" in out
 
 
+@pytest.mark.slow
 def test_keras_keywords_and_history_as_a_dict_of_lists(mnist):
     (x, y), _ = mnist
     model = build_model(seed=1)

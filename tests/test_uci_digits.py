@@ -8,12 +8,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import REPO_ROOT
 from PIL import Image
 
 SCRIPT = REPO_ROOT / "benchmarks" / "uci_digits.py"
 
 
+@pytest.mark.slow
 def test_the_benchmark_renders_and_scores_a_handful_of_digits(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     finished = subprocess.run(
