@@ -203,7 +203,7 @@ def test_report_renders_in_chromium_without_errors(tmp_path, page):
             browser.close()
     assert problems == []
     assert [url for url in requests if not re.match(r"(file|data):", url)] == []
-    assert len(images) == 3
+    assert len(images) == 4  # history, confusion matrix, mistakes, reliability diagram
     assert all(complete and width > 0 and height > 0 and shown > 0 for complete, width, height, shown in images)
     assert heading.startswith("digitlab report")
     assert rows > 11
