@@ -54,6 +54,9 @@ def test_the_pad_can_read_with_a_runs_model(bundled_model_path, runs_dir, small_
         assert result["digit"] == expected.digit and result["source"] == "seven.png"
         assert result["probabilities"] == pytest.approx(expected.probabilities, abs=1e-4)
         assert decode_png(result["image"]).shape == (28, 28)
+        main_result = client.post("/v1/predict", files={"files": ("seven.png", upload, "image/png")}).json()
+        assert result.keys() == main_result["predictions"][0].keys()  # the page reads both alike
+        assert result["runner_up"] == [expected.runner_up[0], pytest.approx(expected.runner_up[1], abs=1e-4)]
 
         training = client.post("/v1/runs/training/predict", files={"files": ("a.png", upload, "image/png")})
         assert training.status_code == 409 and "no model yet" in training.json()["detail"]

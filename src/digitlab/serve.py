@@ -12,9 +12,7 @@ images of all requests waiting for it in one batch.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
-import io
 import ipaddress
 import json
 import logging
@@ -28,7 +26,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import h11
 import numpy as np
@@ -55,6 +53,7 @@ from digitlab.predict import (
     prepare_image,
 )
 from digitlab.preprocess import MAX_PIXELS, declared_pixels, load_image
+from digitlab.results import PredictResponse, image_result
 from digitlab.serve_runs import router as runs_router
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -94,22 +93,6 @@ class PixelImages(BaseModel):
         "(either polarity: dark ink on light paper or light on dark; any size)",
     )
     return_image: bool = Field(False, description="also return the preprocessed 28×28 image as base64 PNG")
-
-
-class ImageResult(BaseModel):
-    source: str = Field(description="the uploaded file's name, or images[i] for pixel arrays")
-    digit: int | None = Field(description="the predicted digit; null when the image could not be read")
-    probability: float | None = Field(description="the predicted digit's probability, calibrated by the model card's temperature")
-    probabilities: list[float] | None = Field(description="probability of each digit 0-9")
-    top_k: list[tuple[int, float]] | None = Field(description="the most probable digits, best first")
-    runner_up: tuple[int, float] | None = Field(None, description="the second most probable digit and its probability")
-    warnings: list[str] = Field(description='reasons to doubt the prediction, e.g. "not sure"')
-    error: str | None = Field(description="why no digit was predicted, e.g. an image with no ink")
-    image: str | None = Field(None, description="the 28×28 image the model saw, base64 PNG (on request)")
-
-
-class PredictResponse(BaseModel):
-    predictions: list[ImageResult]
 
 
 PREDICT_REQUEST_BODY = {
@@ -340,6 +323,9 @@ def current_service(request: Request) -> Service:
     return request.app.state.service
 
 
+CurrentService = Annotated[Service, Depends(current_service)]
+
+
 router = APIRouter()
 
 
@@ -354,14 +340,14 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="The model is loaded and warmed up: requests will be served")
-async def readyz(service: Service = Depends(current_service)) -> JSONResponse:
+async def readyz(service: CurrentService) -> JSONResponse:
     if service.batcher is None:
         return JSONResponse({"status": "starting"}, status_code=503)
     return JSONResponse({"status": "ready", "model": service.model_name})
 
 
 @router.get("/v1/model", summary="The model card: architecture, parameters, training, test accuracy")
-async def model_card(service: Service = Depends(current_service)) -> dict[str, Any]:
+async def model_card(service: CurrentService) -> dict[str, Any]:
     return {"file": service.model_name, **public_card(service.recognizer.card)}
 
 
@@ -387,8 +373,8 @@ async def model_card(service: Service = Depends(current_service)) -> dict[str, A
 )
 async def predict_endpoint(
     request: Request,
+    service: CurrentService,
     return_image: bool = Query(False, description="also return the 28×28 images the model saw"),
-    service: Service = Depends(current_service),
 ) -> PredictResponse:
     batcher, limits = service.batcher, service.limits
     if batcher is None:
@@ -532,30 +518,6 @@ def pixel_arrays(images: list[list[list[float]]], max_images: int) -> tuple[list
         names.append(name)
         arrays.append(np.rint(pixels).astype(np.uint8))
     return names, arrays
-
-
-def image_result(result: ImagePrediction, return_image: bool) -> ImageResult:
-    """One prediction as the API reports it."""
-    failed = result.error is not None
-    return ImageResult(
-        source=result.source,
-        digit=None if failed else int(result.digit),
-        probability=None if failed else float(result.probability),
-        probabilities=None if failed else [float(p) for p in result.probabilities],
-        top_k=None if failed else [(int(d), float(p)) for d, p in result.top_k],
-        runner_up=None if failed or result.runner_up is None else (int(result.runner_up[0]), float(result.runner_up[1])),
-        warnings=list(result.warnings),
-        error=result.error,
-        image=png_base64(result.image) if return_image and result.image is not None else None,
-    )
-
-
-def png_base64(image: np.ndarray) -> str:
-    """A 28×28 image with values in [0, 1] as a base64-encoded PNG."""
-    pixels = np.clip(np.rint(np.asarray(image, dtype=np.float32) * 255), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def public_card(card: dict[str, Any]) -> dict[str, Any]:

@@ -10,24 +10,21 @@ loaded on first use and kept (a few at a time, reloaded when its file changes).
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, HTTPException, Request
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from digitlab.errors import DigitlabError
 from digitlab.inference import DigitRecognizer
 from digitlab.live import live_history, read_records
-from digitlab.predict import ImagePrediction, classify, load_recognizer, prepare_image
+from digitlab.predict import classify, load_recognizer, prepare_image
 from digitlab.preprocess import load_image
+from digitlab.results import image_result
 from digitlab.runs import describe_run, list_runs
 
 MODEL_NAME = "model.safetensors"
@@ -95,17 +92,4 @@ def _read_digit(model_path: Path, data: bytes, source: str) -> dict[str, Any]:
         raise HTTPException(422, f"{source}: {error}") from None
     result.source = source
     classify(recognizer, [result], TOP_K)
-    return _result(result)
-
-
-def _result(result: ImagePrediction) -> dict[str, Any]:
-    """One prediction in the form of `/v1/predict`'s results, with the 28×28 image the model saw."""
-    record = result.to_dict()
-    record["source"] = record.pop("file")
-    record["top_k"] = [[item["digit"], item["probability"]] for item in record["top_k"]]
-    if result.image is not None:
-        pixels = np.clip(np.rint(result.image * 255), 0, 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
-        record["image"] = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return record
+    return image_result(result, return_image=True).model_dump()
