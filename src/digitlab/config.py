@@ -94,6 +94,8 @@ class TrainConfig:
                              "reproducibility and speed", trajectory=True, choices=TRAINING_PRECISIONS)  # fmt: skip
     compile: bool = setting(False, "use torch.compile", "reproducibility and speed")
     channels_last: bool = setting(True, "channels-last memory layout", "reproducibility and speed")
+    cuda_graph: bool = setting(True, "on CUDA: replay each training step as one captured CUDA graph",
+                               "reproducibility and speed")  # fmt: skip
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps", "reproducibility and speed")
     checkpoint_every: int = setting(0, "also checkpoint every N steps", "checkpoints",
                                     check=(lambda v: v >= 0, ">= 0 steps"), metavar="N")  # fmt: skip

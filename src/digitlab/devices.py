@@ -81,11 +81,11 @@ def choose_precision(precision: str, device: torch.device) -> tuple[str, str]:
     return "fp32", "this CPU has no native bf16, and emulating it is several times slower"
 
 
-def autocast(precision: str, device: torch.device) -> AbstractContextManager:
-    """The autocast context for a resolved precision (`fp32` means none)."""
+def autocast(precision: str, device: torch.device, cache: bool = True) -> AbstractContextManager:
+    """The autocast context for a resolved precision (`fp32` means none); `cache=False` inside a CUDA graph."""
     if precision == "fp32":
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision], cache_enabled=cache)
 
 
 def set_threads(threads: int | None) -> None:

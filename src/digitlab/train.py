@@ -27,6 +27,7 @@ from digitlab import devices
 from digitlab.config import TRAJECTORY_KEYS, TrainConfig
 from digitlab.errors import DigitlabError
 from digitlab.evaluate import evaluate_sharded
+from digitlab.graphed import GraphedStep, can_graph
 from digitlab.loggers import Logger
 from digitlab.model import as_model_input
 from digitlab.serialization import load_checkpoint, load_model, save_checkpoint, save_model, unwrap
@@ -142,14 +143,18 @@ def _smooth_displacement(
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    """SGD; weight decay applies to conv and dense kernels only, not to biases or BatchNorm."""
+    """SGD; weight decay applies to conv and dense kernels only, not to biases or BatchNorm.
+
+    On CUDA the update is fused into one kernel (which a CUDA graph can hold, with a tensor learning rate).
+    """
     kernels = [p for p in model.parameters() if p.ndim > 1]
     others = [p for p in model.parameters() if p.ndim <= 1]
     groups = [
         {"params": kernels, "weight_decay": config.weight_decay},
         {"params": others, "weight_decay": 0.0},
     ]
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, fused=fused)
 
 
 class Checkpoints:
@@ -251,6 +256,7 @@ class _Run:
     images: torch.Tensor
     labels: torch.Tensor
     steps_per_epoch: int
+    graphed: GraphedStep | None = None  # the captured step, on CUDA
     checkpoints: Checkpoints | None = None
     validation: tuple[np.ndarray, np.ndarray] | None = None
     progress: bool = True
@@ -366,7 +372,12 @@ def _prepare(
         net = torch.compile(net)
     order_len = len(epoch_order(images.shape[0], setup.seed, 0, setup.ranks))
     steps_per_epoch = math.ceil(order_len / config.batch_size)
-    return _Run(config, setup, model, net, _make_optimizer(model, config), images, labels, steps_per_epoch)
+    optimizer = _make_optimizer(model, config)
+    graphed = None
+    if can_graph(device, enabled=config.cuda_graph, world_size=setup.ranks.world_size, compiled=config.compile):
+        graphed = GraphedStep(net, optimizer, batch_size=config.batch_size, precision=setup.precision, device=device,
+                              label_smoothing=config.label_smoothing, memory_format=memory_format)  # fmt: skip
+    return _Run(config, setup, model, net, optimizer, images, labels, steps_per_epoch, graphed)
 
 
 def _resume(run: _Run) -> Position:
@@ -401,6 +412,8 @@ def _train_epoch(run: _Run, start: Position) -> tuple[torch.Tensor, float]:
     config, setup, epoch = run.config, run.setup, start.epoch
     # Running sums of loss, correct predictions and samples: kept as tensors to avoid syncs.
     sums = torch.tensor([start.loss_sum, start.correct, start.seen], dtype=torch.float64, device=setup.device)
+    if run.graphed is not None:  # the captured step adds into its own tensor
+        sums = run.graphed.sums.copy_(sums)
     order = epoch_order(run.images.shape[0], setup.seed, epoch, setup.ranks).to(setup.device)
     epoch_images, epoch_labels = run.images[order], run.labels[order]
     bar = tqdm(
@@ -434,12 +447,13 @@ def _train_step(
 ) -> None:
     """One optimizer step on a batch of uint8 images; adds its loss, hits and size to `sums`."""
     config, setup = run.config, run.setup
+    lr = learning_rate(config, global_step, run.total_steps)
+    x = _batch_input(run, pixels, epoch, global_step)
+    if run.graphed is not None and len(y) == run.graphed.batch_size:
+        run.graphed.step(x, y, lr)
+        return
     for group in run.optimizer.param_groups:
-        group["lr"] = learning_rate(config, global_step, run.total_steps)
-    x = pixels.float().div_(255.0).unsqueeze(1)
-    if config.augment and epoch < config.epochs - config.clean_epochs:
-        generator = _seeded_generator(setup.device, setup.seed, global_step, setup.ranks.rank)
-        x = augment_batch(x, generator, config.elastic)
+        group["lr"] = lr
     x = x.contiguous(memory_format=run.memory_format)
     with devices.autocast(setup.precision, setup.device):
         logits = run.net(x)
@@ -451,6 +465,16 @@ def _train_step(
         sums[0] += loss.detach() * len(y)
         sums[1] += (logits.argmax(1) == y).sum()
         sums[2] += len(y)
+
+
+def _batch_input(run: _Run, pixels: torch.Tensor, epoch: int, global_step: int) -> torch.Tensor:
+    """A batch of uint8 images as the network's float input, augmented where the recipe says so."""
+    config, setup = run.config, run.setup
+    x = pixels.float().div_(255.0).unsqueeze(1)
+    if config.augment and epoch < config.epochs - config.clean_epochs:
+        generator = _seeded_generator(setup.device, setup.seed, global_step, setup.ranks.rank)
+        x = augment_batch(x, generator, config.elastic)
+    return x
 
 
 def _end_epoch(run: _Run, epoch: int, sums: torch.Tensor, seconds: float) -> dict[str, float]:

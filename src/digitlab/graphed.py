@@ -1,0 +1,103 @@
+"""The whole training step as one CUDA graph: on a GPU this small network is bound by kernel launches.
+
+A step of the lab's network launches over a hundred small kernels (forward,
+backward, SGD, running metrics) whose arithmetic takes microseconds; launched
+one by one from Python they leave the GPU idle most of the time. Captured once
+into a CUDA graph, they are replayed with one launch per step. The graph reads
+its batch from fixed buffers and the learning rate from a tensor, so a step
+only copies its batch in and sets the rate. The first few steps run eagerly (as
+real training steps) so that cuDNN, cuBLAS, autograd and the optimizer's buffers
+are set up before capture.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from digitlab import devices
+
+EAGER_STEPS = 3  # real steps run before capture, as PyTorch's CUDA-graph guide recommends
+
+
+class GraphedStep:
+    """Train on full batches of one size by replaying a captured CUDA graph of the whole step.
+
+    `sums` holds the running loss sum, correct predictions and samples, as the
+    eager loop keeps them. The optimizer must be a fused SGD (`fused=True`):
+    its update reads the learning rate from a device tensor inside the graph.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: torch.optim.SGD,
+        *,
+        batch_size: int,
+        precision: str,
+        device: torch.device,
+        label_smoothing: float,
+        memory_format: torch.memory_format,
+    ) -> None:
+        self.net, self.optimizer, self.precision, self.device = net, optimizer, precision, device
+        self.label_smoothing = label_smoothing
+        self.batch_size = batch_size
+        self.x = torch.zeros(batch_size, 1, 28, 28, device=device).contiguous(memory_format=memory_format)
+        self.y = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.lr = torch.zeros((), device=device)
+        self._lr_value: float | None = None
+        self._eager_steps = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+        """One optimizer step on a full batch of float images `x` (N×1×28×28) and labels `y`."""
+        self.x.copy_(x)
+        self.y.copy_(y)
+        if lr != self._lr_value:
+            self.lr.fill_(lr)
+            self._lr_value = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr  # an eager step on a short last batch may have set a number
+        if self._graph is not None:
+            self._graph.replay()
+        elif self._eager_steps < EAGER_STEPS:
+            self._eager_step()
+        else:
+            self._capture()
+            self._graph.replay()
+
+    def _body(self) -> None:
+        with devices.autocast(self.precision, self.device, cache=False):  # a graph cannot hold autocast's cache
+            logits = self.net(self.x)
+        loss = F.cross_entropy(logits.float(), self.y, label_smoothing=self.label_smoothing)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            self.sums[0] += loss.detach() * self.batch_size
+            self.sums[1] += (logits.argmax(1) == self.y).sum()
+            self.sums[2] += self.batch_size
+
+    def _eager_step(self) -> None:
+        """A real step on a side stream, as capture wants the work before it off the default stream."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._body()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._eager_steps += 1
+
+    def _capture(self) -> None:
+        """Record the step; the gradients it allocates stay in the graph's memory for every replay."""
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._body()
+        self._graph = graph
+
+
+def can_graph(device: torch.device, *, enabled: bool, world_size: int, compiled: bool) -> bool:
+    """Whether a run captures its step: CUDA, asked for, one process, no torch.compile."""
+    return enabled and device.type == "cuda" and world_size == 1 and not compiled

@@ -1,0 +1,95 @@
+"""The captured CUDA-graph training step: when it is used, and that it trains as the eager loop does.
+
+The tests that train on a GPU are marked `cuda` and skip where PyTorch sees no
+CUDA device (CI has none); they were run on an H100 (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from digitlab.graphed import can_graph
+from digitlab.model import build_model
+from digitlab.train import Checkpoints, TrainConfig, train
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("device", "enabled", "world_size", "compiled", "expected"),
+    [
+        ("cuda", True, 1, False, True),
+        ("cuda", False, 1, False, False),  # --no-cuda-graph
+        ("cuda", True, 2, False, False),  # DDP synchronises inside backward: not captured
+        ("cuda", True, 1, True, False),  # torch.compile has its own graphs
+        ("cpu", True, 1, False, False),
+        ("mps", True, 1, False, False),
+    ],
+)
+def test_only_a_single_uncompiled_cuda_process_captures_its_step(device, enabled, world_size, compiled, expected):
+    assert can_graph(torch.device(device), enabled=enabled, world_size=world_size, compiled=compiled) is expected
+
+
+def test_a_cpu_run_ignores_the_cuda_graph_setting(mnist):
+    (x, y), _ = mnist
+    graphed = build_model(seed=0)
+    eager = build_model(seed=0)
+    train(graphed, x[:96], y[:96], TrainConfig(seed=0, device="cpu", cuda_graph=True), progress=False)
+    train(eager, x[:96], y[:96], TrainConfig(seed=0, device="cpu", cuda_graph=False), progress=False)
+    for name, value in graphed.state_dict().items():
+        assert torch.equal(value, eager.state_dict()[name]), name
+
+
+def relative_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """‖a − b‖ / ‖b‖ over all floating-point weights and statistics."""
+    pairs = [(va.float(), b.state_dict()[name].float()) for name, va in a.state_dict().items() if va.is_floating_point()]
+    difference = sum(float((va - vb).norm() ** 2) for va, vb in pairs) ** 0.5
+    return difference / sum(float(vb.norm() ** 2) for _, vb in pairs) ** 0.5
+
+
+def trained_on_cuda(mnist, count: int, **settings) -> tuple[torch.nn.Module, dict]:
+    (x, y), _ = mnist
+    model = build_model(seed=0)
+    history = train(model, x[:count], y[:count], TrainConfig(seed=0, device="cuda", **settings), progress=False)
+    return model.cpu(), history.epochs[-1]
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {"precision": "fp32"},  # the lab's constant rate, 62 full batches of 32 and a short one of 16
+        {"precision": "bf16"},
+        # momentum, Nesterov, weight decay, label smoothing, a rate that changes every step, augmentation
+        {"precision": "fp32", "batch_size": 128, "lr": 0.2, "momentum": 0.9, "nesterov": True,
+         "weight_decay": 5e-4, "label_smoothing": 0.1, "schedule": "onecycle", "augment": True, "epochs": 2},
+    ],  # fmt: skip
+)
+def test_the_captured_step_trains_as_the_eager_loop_does(mnist, recipe):
+    """Same seed, same batches: the weights after 2,000 images agree to float rounding, and so do the metrics."""
+    graphed, graphed_epoch = trained_on_cuda(mnist, 2000, cuda_graph=True, **recipe)
+    eager, eager_epoch = trained_on_cuda(mnist, 2000, cuda_graph=False, **recipe)
+    tolerance = 2e-2 if recipe["precision"] == "bf16" else 1e-3
+    assert relative_difference(graphed, eager) < tolerance
+    assert graphed_epoch["samples"] == eager_epoch["samples"] == 2000
+    assert graphed_epoch["loss"] == pytest.approx(eager_epoch["loss"], rel=tolerance)
+    assert abs(graphed_epoch["accuracy"] - eager_epoch["accuracy"]) <= 0.02
+    assert relative_difference(graphed, build_model(seed=0)) > 0.1  # it did train: 0.23 for the lab on the CPU
+
+
+@needs_cuda
+def test_a_resumed_graphed_run_ends_where_an_uninterrupted_one_does(mnist, tmp_path):
+    """Resumed in the second epoch (a new graph, new eager steps), a run ends where one run straight through does."""
+    (x, y), _ = mnist
+    config = TrainConfig.from_recipe("lab", epochs=2, seed=0, device="cuda", momentum=0.9, checkpoint_every=8,
+                                     keep_checkpoints=20)  # fmt: skip
+    straight = build_model(seed=0)
+    train(straight, x[:1024], y[:1024], config, checkpoints=Checkpoints(tmp_path, keep=20), progress=False)
+    for later in [path for path in Checkpoints(tmp_path).all() if int(path.stem.split("-")[1]) > 40]:
+        later.unlink()  # as if the run had been killed at epoch 2, step 8 (32 steps an epoch)
+    resumed = build_model(seed=1)  # other starting weights: all of them must come from the checkpoint
+    train(resumed, x[:1024], y[:1024], config, checkpoints=Checkpoints(tmp_path, keep=20), resume=True,
+          progress=False)  # fmt: skip
+    assert relative_difference(resumed.cpu(), straight.cpu()) < 1e-3
