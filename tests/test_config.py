@@ -14,7 +14,7 @@ from digitlab.errors import DigitlabError
 def test_trajectory_keys_are_the_settings_that_change_the_weights():
     assert set(TRAJECTORY_KEYS) == {
         "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "label_smoothing",
-        "schedule", "augment", "elastic", "clean_epochs", "seed", "precision",
+        "schedule", "augment", "elastic", "low_res", "stroke", "blur", "clean_epochs", "seed", "precision",
     }  # fmt: skip
 
 
@@ -51,9 +51,20 @@ def test_an_option_left_out_keeps_the_recipes_value():
         ({"schedule": "linear"}, "--schedule must be one of constant, onecycle, cosine, got 'linear'"),
         ({"lr": float("inf")}, "--lr must be a finite number, got inf"),
         ({"nesterov": True}, "Nesterov momentum needs --momentum > 0"),
+        ({"low_res": 1.5}, "--low-res must be a fraction in [0, 1], got 1.5"),
+        ({"stroke": -0.1}, "--stroke must be a fraction in [0, 1], got -0.1"),
     ],
 )
 def test_each_setting_is_checked_from_its_declaration(changes, message):
     with pytest.raises(DigitlabError) as error:
         TrainConfig(**changes).validate()
     assert str(error.value) == message
+
+
+def test_the_robust_recipe_is_the_best_recipe_with_degradations():
+    robust = TrainConfig.from_recipe("robust", seed=1)
+    best = TrainConfig.from_recipe("best", seed=1)
+    differ = {f.name for f in fields(TrainConfig) if getattr(robust, f.name) != getattr(best, f.name)}
+    assert differ == {"recipe", "low_res", "stroke", "blur"}
+    assert (robust.low_res, robust.stroke, robust.blur) == (0.5, 0.5, 0.25)
+    assert TrainConfig.from_recipe("best").low_res == 0.0  # the best and lab recipes are unchanged

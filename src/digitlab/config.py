@@ -31,6 +31,24 @@ RECIPES: dict[str, dict[str, Any]] = {
         "elastic": 34.0,
         "clean_epochs": 5,
     },
+    # The best recipe, and pictures as other scanners and pens give them (low resolution, stroke width,
+    # blur), for handwriting unlike MNIST's (the UCI digits): a candidate, to be measured (benchmarks/train_candidates.py).
+    "robust": {
+        "epochs": 20,
+        "batch_size": 128,
+        "lr": 0.2,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 5e-4,
+        "label_smoothing": 0.1,
+        "schedule": "onecycle",
+        "augment": True,
+        "elastic": 34.0,
+        "clean_epochs": 5,
+        "low_res": 0.5,
+        "stroke": 0.5,
+        "blur": 0.25,
+    },
 }
 
 TRAINING_PRECISIONS = ("auto", "fp32", "bf16")  # no fp16: it would need loss scaling (a GradScaler)
@@ -56,6 +74,9 @@ def setting(default: Any, help: str, group: str, *, trajectory: bool = False,
     return field(default=default, metadata=metadata)
 
 
+_FRACTION = (lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+
+
 @dataclass
 class TrainConfig:
     """Every training setting, as plain values. The defaults are the lab's recipe.
@@ -64,7 +85,7 @@ class TrainConfig:
     `TRAJECTORY_KEYS` and `validate` are derived from these declarations.
     """
 
-    recipe: str = setting("lab", "lab (the seed lab, default) or best (highest accuracy); see below", "recipe",
+    recipe: str = setting("lab", "lab (the seed lab, default), best (highest accuracy) or robust (best, and other handwriting); see below", "recipe",
                           choices=tuple(RECIPES))  # fmt: skip
     epochs: int = setting(1, "passes over the training set", "optimisation", trajectory=True,
                           check=(lambda v: v >= 1, "at least 1"))  # fmt: skip
@@ -86,6 +107,14 @@ class TrainConfig:
     elastic: float = setting(0.0, "with --augment: also elastic distortion of about PIXELS (Simard's 34)",
                              "augmentation", trajectory=True, check=(lambda v: v >= 0, ">= 0 pixels"),
                              metavar="PIXELS")  # fmt: skip
+    low_res: float = setting(0.0, "with --augment: fraction of images shrunk to 9-14 px (16 grey levels) and "
+                             "enlarged back, as a low-resolution scan, then sharpened", "augmentation", trajectory=True,
+                             check=_FRACTION, metavar="FRACTION")  # fmt: skip
+    stroke: float = setting(0.0, "with --augment: fraction of images with thicker or thinner strokes (blend "
+                            "towards a 3×3 dilation or erosion)", "augmentation", trajectory=True, check=_FRACTION,
+                            metavar="FRACTION")  # fmt: skip
+    blur: float = setting(0.0, "with --augment: fraction of images blurred (Gaussian, σ 0.5-1.5 px)",
+                          "augmentation", trajectory=True, check=_FRACTION, metavar="FRACTION")  # fmt: skip
     clean_epochs: int = setting(0, "with --augment: train the last N epochs on unaltered images", "augmentation",
                                 trajectory=True, check=(lambda v: v >= 0, ">= 0"), metavar="N")  # fmt: skip
     seed: int | None = setting(None, "makes the run reproducible (default: random, recorded)",

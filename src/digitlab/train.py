@@ -30,6 +30,7 @@ from digitlab.evaluate import evaluate_sharded
 from digitlab.graphed import GraphedStep, can_graph
 from digitlab.loggers import Logger
 from digitlab.model import as_model_input
+from digitlab.preprocess import MIN_INK_LEVEL, SHARPEN_AMOUNT, SHARPEN_SIGMA
 from digitlab.serialization import load_checkpoint, load_model, save_checkpoint, save_model, unwrap
 
 
@@ -107,12 +108,27 @@ def epoch_order(num_samples: int, seed: int, epoch: int, ranks: devices.Ranks) -
     return order[ranks.rank : usable : ranks.world_size]
 
 
-def augment_batch(images: torch.Tensor, generator: torch.Generator, elastic: float = 0.0) -> torch.Tensor:
+def augment_options(config: TrainConfig) -> dict[str, float]:
+    """The keyword arguments of `augment_batch` that `config` sets."""
+    return {"elastic": config.elastic, "low_res": config.low_res, "stroke": config.stroke, "blur": config.blur}
+
+
+def augment_batch(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    elastic: float = 0.0,
+    *,
+    low_res: float = 0.0,
+    stroke: float = 0.0,
+    blur: float = 0.0,
+) -> torch.Tensor:
     """Random small rotation (±10°), scaling (±10%) and shift (±2 px) of a whole batch at once.
 
     With `elastic` > 0 each image is also warped by a smooth random displacement field
     (uniform noise blurred by a Gaussian of σ = 4 px, scaled by `elastic` pixels), as in
-    Simard et al. (2003). Both warps are applied in one resampling.
+    Simard et al. (2003). Both warps are applied in one resampling. `low_res`, `stroke`
+    and `blur` are the fractions of images then rewritten as other scanners and pens
+    would give them (`degrade_batch`); at 0 nothing more is drawn from `generator`.
     """
     n, size = images.shape[0], images.shape[-1]
     options = {"generator": generator, "device": images.device}
@@ -126,7 +142,101 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, elastic: flo
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     if elastic > 0:
         grid = grid + _smooth_displacement(n, size, generator, images.device) * (elastic * 2 / size)
-    return F.grid_sample(images, grid, padding_mode="zeros", align_corners=False)
+    warped = F.grid_sample(images, grid, padding_mode="zeros", align_corners=False)
+    if low_res or stroke or blur:
+        warped = degrade_batch(warped, generator, low_res=low_res, stroke=stroke, blur=blur)
+    return warped
+
+
+LOW_RES_SIZES = tuple(range(9, 15))
+"""Fields that `degrade_batch` shrinks a 28×28 digit to: its 20-px box becomes 6.4-10 px (a UCI digit spans 8)."""
+LOW_RES_LEVELS = 16
+"""Grey levels of a shrunk digit, as the UCI digits' 16 (ink counts of 4×4 blocks)."""
+STROKE_RANGE = (-0.5, 1.0)
+"""Stroke change: 1 is a full 3×3 dilation (about 2 px thicker), -1 a full erosion; thinning goes half as far."""
+BLUR_SIGMAS = (0.5, 1.5)
+"""Range of the Gaussian blur's σ in pixels."""
+_BLUR_RADIUS = 6  # 3σ of the widest blur (sharpening's σ = 2 px)
+
+
+def degrade_batch(
+    images: torch.Tensor, generator: torch.Generator, *, low_res: float = 0.0, stroke: float = 0.0,
+    blur: float = 0.0,
+) -> torch.Tensor:  # fmt: skip
+    """Rewrite random fractions of an N×1×H×W batch (ink in [0, 1]) as other pens and scanners would.
+
+    In turn: a `stroke` fraction gets thicker or thinner strokes (a blend towards a 3×3
+    dilation or erosion, by an amount drawn from `STROKE_RANGE`); a `blur` fraction is
+    blurred (Gaussian, σ from `BLUR_SIGMAS`); a `low_res` fraction is shrunk to a field
+    of 9-14 px (area average, 16 grey levels), enlarged back bilinearly and sharpened. Each changed
+    image is then scaled so that its brightest pixel is as bright as before, as
+    preprocessing stretches a picture's ink. Shapes stay fixed and every image is
+    computed alike (then kept or not), so nothing depends on the data: no device syncs.
+    """
+    n = images.shape[0]
+    options = {"generator": generator, "device": images.device}
+    picked = [torch.rand(n, **options) < fraction for fraction in (stroke, blur, low_res)]
+    x = images
+    if stroke:
+        x = torch.where(_as_image_mask(picked[0]), _change_strokes(x, generator), x)
+    if blur:
+        x = torch.where(_as_image_mask(picked[1]), _blur(x, generator), x)
+    if low_res:
+        x = torch.where(_as_image_mask(picked[2]), _lower_resolution(x, generator), x)
+    changed = _as_image_mask(picked[0] | picked[1] | picked[2])
+    peak, new_peak = images.amax((1, 2, 3), keepdim=True), x.amax((1, 2, 3), keepdim=True)
+    rescaled = (x * (peak / new_peak.clamp_min(1e-6))).clamp_(0.0, 1.0)
+    return torch.where(changed & (new_peak > 0), rescaled, x)
+
+
+def _as_image_mask(mask: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, 1, 1, 1)
+
+
+def _change_strokes(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image's strokes thickened or thinned by an amount drawn from `STROKE_RANGE`."""
+    low, high = STROKE_RANGE
+    amount = _as_image_mask(low + (high - low) * torch.rand(images.shape[0], generator=generator,
+                                                             device=images.device))  # fmt: skip
+    dilated = F.max_pool2d(images, 3, stride=1, padding=1)
+    eroded = -F.max_pool2d(-images, 3, stride=1, padding=1)
+    return images + amount.clamp(min=0) * (dilated - images) + (-amount).clamp(min=0) * (eroded - images)
+
+
+def _blur(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image blurred by a Gaussian with its own σ, drawn from `BLUR_SIGMAS`."""
+    low, high = BLUR_SIGMAS
+    sigma = low + (high - low) * torch.rand(images.shape[0], 1, generator=generator, device=images.device)
+    return _gaussian_blur(images, sigma)
+
+
+def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """N×1×H×W images each blurred by a Gaussian of σ `sigma[i]` pixels (N×1), zeros beyond the edges,
+    in two grouped convolutions."""
+    n, _, height, width = images.shape
+    offsets = torch.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, device=images.device, dtype=images.dtype)
+    taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    taps = (taps / taps.sum(1, keepdim=True)).view(n, 1, 1, -1)
+    stacked = images.reshape(1, n, height, width)
+    blurred = F.conv2d(stacked, taps, padding=(0, _BLUR_RADIUS), groups=n)
+    blurred = F.conv2d(blurred, taps.transpose(2, 3), padding=(_BLUR_RADIUS, 0), groups=n)
+    return blurred.reshape(images.shape)
+
+
+def _lower_resolution(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image shrunk to a field size drawn from `LOW_RES_SIZES` (area average, `LOW_RES_LEVELS` grey
+    levels), enlarged back bilinearly and sharpened as `digitlab.preprocess.sharpen` sharpens an enlarged
+    picture; every size is computed for the whole batch, then one is kept per image."""
+    choice = torch.randint(len(LOW_RES_SIZES), (images.shape[0],), generator=generator, device=images.device)
+    result = images
+    for index, size in enumerate(LOW_RES_SIZES):
+        small = F.interpolate(images, size=(size, size), mode="area")
+        small = torch.round(small * LOW_RES_LEVELS) / LOW_RES_LEVELS
+        enlarged = F.interpolate(small, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        result = torch.where(_as_image_mask(choice == index), enlarged, result)
+    blurred = _gaussian_blur(result, torch.full((result.shape[0], 1), SHARPEN_SIGMA, device=result.device))
+    sharpened = (result + SHARPEN_AMOUNT * (result - blurred)).clamp(0.0, 1.0)
+    return torch.where(sharpened >= MIN_INK_LEVEL / 2, sharpened, 0.0)
 
 
 def _smooth_displacement(
