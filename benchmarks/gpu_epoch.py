@@ -23,6 +23,7 @@ training set held out for validation, as the bundled model was) once per seed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -89,11 +90,11 @@ def run_variant(variant: str, mnist, device: torch.device) -> dict[str, Any]:
     return {"variant": variant, "seconds": seconds, "train_accuracy": train_accuracy, "test_accuracy": test.accuracy}
 
 
-def run_best(seed: int, mnist, device: torch.device) -> dict[str, Any]:
+def run_best(seed: int, mnist, device: torch.device, precision: str = "auto") -> dict[str, Any]:
     """The best recipe, validated on the last 10% of the training set, as the bundled model was trained."""
     (x_train, y_train), (x_test, y_test) = mnist
     model = build_model(seed=seed)
-    config = TrainConfig.from_recipe("best", seed=seed, device=str(device))
+    config = TrainConfig.from_recipe("best", seed=seed, device=str(device), precision=precision)
     start = time.perf_counter()
     history = train(model, x_train, y_train, config, validation_split=0.1, progress=False)
     seconds = time.perf_counter() - start
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--best-seeds", type=int, nargs="*", default=[])
+    parser.add_argument("--best-precision", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu for a smoke test with --limit")
     parser.add_argument("--limit", type=int, help="train on the first N images only (a smoke test)")
@@ -135,7 +137,8 @@ def main() -> None:
     mnist = (x_train[: args.limit], y_train[: args.limit]), test
     warm_up(mnist, device)
     runs = [attempt(run_variant, variant, mnist, device) for _ in range(args.repeats) for variant in args.variants]
-    best = [attempt(run_best, seed, mnist, device) for seed in args.best_seeds]
+    best = [attempt(functools.partial(run_best, precision=args.best_precision), seed, mnist, device)
+            for seed in args.best_seeds]  # fmt: skip
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     print(f"Device: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
@@ -157,7 +160,8 @@ def main() -> None:
         print(f"{variant:<22} {seconds:>8.2f} {each:>16} {ratio:>9} {shown:>10} {mine[-1]['test_accuracy']:>9.4f}")
     best = [r for r in best if "error" not in r]
     if best:
-        print("Best recipe (20 epochs, batch 128, validation on the last 10%), the captured step, fp32:")
+        print(f"Best recipe (20 epochs, batch 128, validation on the last 10%), the captured step, "
+              f"--precision {args.best_precision}:")  # fmt: skip
         for r in best:
             print(f"  seed {r['seed']}: {r['seconds']:.1f} s, validation {r['val_accuracy']:.4f}, "
                   f"test {r['test_accuracy']:.4f}")  # fmt: skip

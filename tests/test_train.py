@@ -448,8 +448,6 @@ def test_augment_options_carry_the_configs_augmentation():
     assert augment_batch(images, torch.Generator().manual_seed(0), **options).shape == images.shape
 
 
-@pytest.mark.xfail(strict=True, reason="_train_step passes only config.elastic until its call becomes "
-                   "augment_batch(x, generator, **augment_options(config)); then remove this mark")
 def test_training_uses_the_low_resolution_setting(mnist):
     (x, y), _ = mnist
 

@@ -60,13 +60,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return choose_precision(precision, device)[0]
 
 
-def choose_precision(precision: str, device: torch.device) -> tuple[str, str]:
+def choose_precision(precision: str, device: torch.device, graphed: bool = False) -> tuple[str, str]:
     """The precision to run in, and why, as `digitlab train` reports it.
 
-    `auto` means bf16 on a CPU that runs it natively (AVX-512 BF16 or AMX) and
-    fp32 everywhere else: a CPU without native bf16 emulates it several times
-    slower, and on a GPU this small network is bound by kernel launches, not
-    arithmetic, so bf16's casts cost more than they save.
+    `auto` means bf16 where the hardware runs it natively and the work is bound
+    by arithmetic: a CPU with AVX-512 BF16 or AMX, or a GPU whose training step
+    is one CUDA graph (`graphed`). A CPU without native bf16 emulates it several
+    times slower, and a GPU launching the step's kernels one by one is bound by
+    the launches, so bf16's extra casts only add work there: fp32.
     """
     if precision not in PRECISIONS:
         raise DigitlabError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
@@ -74,8 +75,10 @@ def choose_precision(precision: str, device: torch.device) -> tuple[str, str]:
         raise DigitlabError("fp16 autocast is for CUDA devices; use --precision bf16 or fp32 here")
     if precision != "auto":
         return precision, "chosen with --precision"
+    if device.type == "cuda" and graphed and native_bf16(device):
+        return "bf16", "this GPU runs bf16 natively, and the step is one CUDA graph, so arithmetic is what costs"
     if device.type != "cpu":
-        return "fp32", f"on {device.type.upper()} this small network is launch-bound, and bf16 casts only add work"
+        return "fp32", f"on {device.type.upper()} step by step this small network is launch-bound, and bf16 casts only add work"
     if native_bf16(device):
         return "bf16", "this CPU runs bf16 natively"
     return "fp32", "this CPU has no native bf16, and emulating it is several times slower"

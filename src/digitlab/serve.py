@@ -54,20 +54,13 @@ from digitlab.predict import (
 )
 from digitlab.preprocess import MAX_PIXELS, declared_pixels, load_image
 from digitlab.results import PredictResponse, image_result
+from digitlab.serve_limits import CLIENT_TIMEOUT, MAX_CONNECTIONS, SHUTDOWN_TIMEOUT, TIME_BUDGET
 from digitlab.serve_runs import router as runs_router
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
 MAX_IMAGES = 64
 MAX_REQUEST_PIXELS = 4 * MAX_PIXELS
 """Pixels all images of one request may declare together; they are decoded one at a time."""
-TIME_BUDGET = 10.0
-"""Seconds one request's images may take to decode and preprocess."""
-CLIENT_TIMEOUT = 5.0
-"""Seconds a client may take to send its request headers, or between parts of its body; idle keep-alive."""
-SHUTDOWN_TIMEOUT = 3.0
-"""Seconds requests in progress get to finish after SIGTERM or SIGINT before they are cancelled."""
-MAX_CONNECTIONS = 256
-"""Open connections and requests in progress beyond which a new one gets 503."""
 TOP_K = 3
 STATIC_DIR = Path(str(resources.files("digitlab") / "static"))
 SETTINGS_ENVIRONMENT_VARIABLE = "DIGITLAB_SERVE_SETTINGS"

@@ -339,7 +339,8 @@ def resolve_setup(config: TrainConfig) -> Setup:
     seed = config.seed
     if seed is None:  # every rank must shuffle alike: rank 0 chooses, and the run records it
         seed = devices.broadcast_object(int(np.random.SeedSequence().entropy % (2**31 - 1)))
-    return Setup(device, ranks, seed, *devices.choose_precision(config.precision, device))
+    graphed = can_graph(device, enabled=config.cuda_graph, world_size=ranks.world_size, compiled=config.compile)
+    return Setup(device, ranks, seed, *devices.choose_precision(config.precision, device, graphed))
 
 
 @dataclass
@@ -583,7 +584,7 @@ def _batch_input(run: _Run, pixels: torch.Tensor, epoch: int, global_step: int) 
     x = pixels.float().div_(255.0).unsqueeze(1)
     if config.augment and epoch < config.epochs - config.clean_epochs:
         generator = _seeded_generator(setup.device, setup.seed, global_step, setup.ranks.rank)
-        x = augment_batch(x, generator, config.elastic)
+        x = augment_batch(x, generator, **augment_options(config))
     return x
 
 

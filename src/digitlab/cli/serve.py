@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 
 from digitlab.cli._options import add_device_argument, add_model_argument
+from digitlab.serve_limits import CLIENT_TIMEOUT, MAX_CONNECTIONS, TIME_BUDGET
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from digitlab.serve import CLIENT_TIMEOUT, MAX_CONNECTIONS, TIME_BUDGET
-
     parser = subparsers.add_parser(
         "serve",
         help="serve the HTTP API and the draw-a-digit page",
