@@ -458,3 +458,21 @@ def test_training_uses_the_low_resolution_setting(mnist):
         return model
 
     assert not same_weights(weights(0.0), weights(1.0))
+
+
+def test_restored_momentum_buffers_have_their_parameters_memory_layout(mnist, tmp_path):
+    """Channels-last kernels keep channels-last buffers after a resume (CUDA's fused SGD refuses other strides)."""
+    from digitlab.serialization import load_checkpoint
+    from digitlab.train import _make_optimizer
+
+    (x, y), _ = mnist
+    config = TrainConfig(seed=1, momentum=0.9)
+    checkpoints = Checkpoints(tmp_path)
+    train(build_model(), x[:64], y[:64], config, checkpoints=checkpoints, progress=False)
+    model = build_model().to(memory_format=torch.channels_last)
+    optimizer = _make_optimizer(model, config)
+    load_checkpoint(checkpoints.latest(), model, optimizer)
+    kernels = [p for p in model.parameters() if p.ndim == 4]
+    assert any(not p.is_contiguous() for p in kernels)  # channels-last strides differ from the default ones
+    for param in model.parameters():
+        assert optimizer.state[param]["momentum_buffer"].stride() == param.stride()

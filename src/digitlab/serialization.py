@@ -272,7 +272,19 @@ def load_checkpoint(
         optimizer.load_state_dict(optimizer_state)
     except (ValueError, KeyError) as error:
         raise DigitlabError(f"{path} has optimizer state that does not fit this run ({error})") from None
+    _lay_out_like_parameters(optimizer)
     return json.loads(metadata["state"])
+
+
+def _lay_out_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Give each restored buffer of a parameter's shape that parameter's memory layout (channels-last
+    kernels): the fused SGD on CUDA refuses buffers whose strides differ from their parameter's."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param).copy_(value)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
