@@ -18,6 +18,7 @@ from digitlab import devices
 from digitlab.errors import DigitlabError
 from digitlab.inference import DigitRecognizer, Prediction, Recognizer, load_onnx_recognizer
 from digitlab.preparation import ImagePrediction, ImageSource, prepare_images
+from digitlab.preparation import prepare_image as prepare_image  # its home before digitlab.preparation
 from digitlab.serialization import load_model
 
 
