@@ -20,7 +20,8 @@ from digitlab.calibration import (
 from digitlab.cli import main
 from digitlab.errors import DigitlabError
 from digitlab.inference import CALIBRATION_KEY, Recognizer, card_temperature, softmax
-from digitlab.predict import load_recognizer, predict_images, prepare_image
+from digitlab.predict import load_recognizer, predict_images
+from digitlab.preparation import prepare_image
 from digitlab.serialization import load_model, save_model
 
 

@@ -12,7 +12,9 @@ import pytest
 from image_factory import STYLES, write_digit_files
 from PIL import Image
 
+from digitlab import preparation
 from digitlab.cli import main
+from digitlab.errors import DigitlabError
 from digitlab.predict import (
     LOW_CONFIDENCE_WARNING,
     ImagePrediction,
@@ -99,6 +101,30 @@ def test_one_bad_file_is_reported_and_the_rest_go_on(rendered, recognizer, tmp_p
     assert results[4].error == f"{tmp_path / 'missing.jpg'}: no such file"
     assert all(result.digit is None and result.image is None for result in results[1:5])
     assert results[5].digit == rendered["results"]["jpeg"][1].digit
+
+
+def test_worker_processes_give_exactly_the_serial_answers(rendered, recognizer, tmp_path, monkeypatch):
+    """Pooled preprocessing (several chunks, a window of them in flight) changes nothing, bad files included."""
+    empty, text = tmp_path / "empty.png", tmp_path / "text.png"
+    empty.write_bytes(b"")
+    text.write_text("not a picture")
+    paths = [path for style in ("noisy", "photo", "transparent") for path in rendered["paths"][style][:12]]
+    sources = [*paths[:5], empty, text, tmp_path / "missing.png", Image.open(paths[5]), paths[6].read_bytes(),
+               *paths[7:]]  # fmt: skip
+    monkeypatch.setattr(preparation, "POOL_MIN_IMAGES", 1)
+    monkeypatch.setattr(preparation, "CHUNK_SIZE", 4)
+    serial = predict_images(sources, recognizer, workers=1)
+    pooled = predict_images(sources, recognizer, workers=2)
+    assert [r.source for r in pooled] == [r.source for r in serial]
+    assert [r.error for r in pooled] == [r.error for r in serial]
+    assert [r.ok for r in pooled[5:8]] == [False, False, False]
+    assert pooled[5].error == f"{empty}: the file is empty"
+    for one, other in zip(serial, pooled):
+        assert one.digit == other.digit and one.probabilities == other.probabilities
+        assert one.warnings == other.warnings
+        assert (one.image is None and other.image is None) or np.array_equal(one.image, other.image)
+    with pytest.raises(DigitlabError, match="workers must be at least 1, got 0"):
+        predict_images(sources, recognizer, workers=0)
 
 
 def test_sources_of_every_kind_give_the_same_answer(mnist, recognizer, tmp_path):
@@ -269,6 +295,10 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys):
     Image.fromarray(np.eye(20, dtype=np.uint8) * 255).save(picture)
     assert main(["predict", str(picture), "--top-k", "0"]) == 2
     assert "--top-k must be between 1 and 10" in capsys.readouterr().err
+    assert main(["predict", str(picture), "--min-confidence", "2"]) == 2
+    assert "--min-confidence must be between 0 and 1" in capsys.readouterr().err
+    assert main(["predict", str(picture), "--workers", "0"]) == 2
+    assert capsys.readouterr().err == "digitlab: error: --workers must be at least 1, got 0\n"
     assert main(["predict", str(picture), "--min-confidence", "2"]) == 2
     assert "--min-confidence must be between 0 and 1" in capsys.readouterr().err
     assert main(["predict", str(picture), "--model", str(tmp_path / "missing.safetensors")]) == 2

@@ -174,6 +174,39 @@ def test_denoise_removes_salt_and_pepper_but_keeps_thin_strokes():
     np.testing.assert_array_equal(cleaned[45:47, 10:12], 0.0)
 
 
+def test_percentiles_are_numpys_to_the_bit():
+    rng = np.random.default_rng(2)
+    for size in (1, 2, 3, 7, 199, 200, 4096, 4097):
+        for values in (rng.random(size, dtype=np.float32), np.round(rng.random(size) * 3).astype(np.float32) / 3):
+            for percents in ((0.5, 99.5), (25,), (0, 50, 100)):
+                found, expected = pp._percentiles(values, percents), np.percentile(values, percents)
+                assert found.dtype == expected.dtype and np.array_equal(found, expected), (size, percents)
+
+
+def test_neighbourhood_extremes_match_the_nine_shifts():
+    rng = np.random.default_rng(3)
+    for shape in ((1, 1), (1, 5), (4, 1), (7, 9), (30, 40)):
+        values = rng.random(shape, dtype=np.float32)
+        height, width = shape
+        padded = pp._pad_one(values, reflect=False)
+        shifts = [padded[r : r + height, c : c + width] for r in range(3) for c in range(3)]
+        assert np.array_equal(pp._neighbourhood_max(values), np.max(shifts, axis=0))
+        assert np.array_equal(pp._neighbourhood_max(values > 0.7), np.max(shifts, axis=0) > 0.7)
+        ring = [shift for index, shift in enumerate(shifts) if index != 4]
+        assert np.array_equal(pp._ring_extreme(padded, np.maximum), np.max(ring, axis=0))
+        assert np.array_equal(pp._ring_extreme(padded, np.minimum), np.min(ring, axis=0))
+
+
+def test_the_outer_band_is_the_pixels_near_the_edges():
+    rng = np.random.default_rng(4)
+    for height, width in ((1, 1), (3, 8), (10, 10), (64, 48), (28, 28)):
+        image = rng.random((height, width), dtype=np.float32)
+        rows, cols = max(1, round(0.1 * height)), max(1, round(0.1 * width))
+        near = np.zeros((height, width), dtype=bool)
+        near[:rows], near[-rows:], near[:, :cols], near[:, -cols:] = True, True, True, True
+        assert np.array_equal(np.sort(pp._outer_band(image)), np.sort(image[near]))
+
+
 def test_connected_components_match_a_flood_fill():
     rng = np.random.default_rng(1)
     for density in (0.1, 0.3, 0.5):

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from digitlab.predict import ImagePrediction
+from digitlab.preparation import ImagePrediction
 
 
 class ImageResult(BaseModel):

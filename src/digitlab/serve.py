@@ -2,7 +2,7 @@
 
 `create_app` builds the application around one model, loaded once when the app
 is created (so once per worker process); `serve` runs it under uvicorn. Images
-go through the same pipeline as `digitlab predict` (`digitlab.predict.prepare_image`,
+go through the same pipeline as `digitlab predict` (`digitlab.preparation.prepare_image`,
 then `classify`). Each request's images are decoded and preprocessed one after
 another in a pool of threads (one per core), within a pixel cap and a time
 budget, so a large request never stalls small ones; the network then reads the
@@ -45,13 +45,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from digitlab.errors import DigitlabError
 from digitlab.inference import DigitRecognizer
-from digitlab.predict import (
-    ImagePrediction,
-    bundled_model_path,
-    classify,
-    load_recognizer,
-    prepare_image,
-)
+from digitlab.predict import bundled_model_path, classify, load_recognizer
+from digitlab.preparation import ImagePrediction, prepare_image
 from digitlab.preprocess import MAX_PIXELS, declared_pixels, load_image
 from digitlab.results import PredictResponse, image_result
 from digitlab.serve_limits import CLIENT_TIMEOUT, MAX_CONNECTIONS, SHUTDOWN_TIMEOUT, TIME_BUDGET

@@ -22,7 +22,8 @@ from starlette.datastructures import UploadFile
 from digitlab.errors import DigitlabError
 from digitlab.inference import DigitRecognizer
 from digitlab.live import live_history, read_records
-from digitlab.predict import classify, load_recognizer, prepare_image
+from digitlab.predict import classify, load_recognizer
+from digitlab.preparation import prepare_image
 from digitlab.preprocess import load_image
 from digitlab.results import image_result
 from digitlab.runs import describe_run, list_runs

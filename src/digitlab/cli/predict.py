@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from digitlab.cli._options import add_device_argument, add_model_argument
 from digitlab.errors import DigitlabError
 
 if TYPE_CHECKING:
-    from digitlab.predict import ImagePrediction
+    from digitlab.preparation import ImagePrediction
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 PROGRESS_MIN_FILES = 50
@@ -49,6 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write the 28×28 images the model saw to DIR as PNG files",
     )
     parser.add_argument("--batch-size", type=int, default=256, help="pictures per network batch (default 256)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes that preprocess the pictures when there are many (default: one per core)",
+    )
     add_device_argument(parser)
     parser.set_defaults(handler=run_predict)
 
@@ -80,12 +87,15 @@ def collect_sources(paths: list[str]) -> tuple[list[Path], dict[Path, str]]:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from digitlab.predict import DEFAULT_MIN_CONFIDENCE, ImagePrediction, load_recognizer, predict_images
+    from digitlab.predict import DEFAULT_MIN_CONFIDENCE, load_recognizer, predict_images
+    from digitlab.preparation import ImagePrediction
 
     if args.top_k < 1 or args.top_k > 10:
         raise DigitlabError(f"--top-k must be between 1 and 10, got {args.top_k}")
     if args.batch_size < 1:
         raise DigitlabError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 1:
+        raise DigitlabError(f"--workers must be at least 1, got {args.workers}")
     min_confidence = DEFAULT_MIN_CONFIDENCE if args.min_confidence is None else args.min_confidence
     if not 0.0 <= min_confidence <= 1.0:
         raise DigitlabError(f"--min-confidence must be between 0 and 1, got {min_confidence}")
@@ -100,6 +110,7 @@ def run_predict(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             min_confidence=min_confidence,
             progress=len(readable) >= PROGRESS_MIN_FILES,
+            workers=args.workers,
         )
     )
     results = [

@@ -1,0 +1,137 @@
+"""Pictures made ready for the network: each loaded safely and preprocessed, in this process or in several.
+
+`prepare_image` turns one picture into an `ImagePrediction` holding the 28×28
+image the network will read (or the reason it cannot); `prepare_images` does
+it for many, in worker processes when there are enough of them to pay for
+starting the processes. Nothing here imports PyTorch, so workers start quickly.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image
+
+from digitlab.errors import DigitlabError
+from digitlab.preprocess import load_image, preprocess_with_report
+
+POOL_MIN_IMAGES = 512
+"""Fewer pictures than this are prepared in the calling process: starting worker processes costs about 0.3 s."""
+CHUNK_SIZE = 32
+"""Pictures per task sent to a worker process."""
+PORTABLE_SOURCES = (str, PurePath, bytes, bytearray, np.ndarray)
+"""Sources sent to worker processes; others (PIL images, open streams) are prepared in the calling process."""
+
+ImageSource = str | os.PathLike | bytes | BinaryIO | Image.Image | np.ndarray
+
+
+@dataclass
+class ImagePrediction:
+    """The recognizer's answer for one picture, or why there is none (`error`)."""
+
+    source: str
+    digit: int | None = None
+    probability: float | None = None
+    top_k: list[tuple[int, float]] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
+    runner_up: tuple[int, float] | None = None
+    """The second most probable digit and its probability."""
+    image: np.ndarray | None = None
+    """The 28×28 float32 image the network saw (white on black, in [0, 1])."""
+    error: str | None = None
+    """Why the picture could not be read or has no digit; it starts with the file's path for files."""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record (without the image)."""
+        return {
+            "file": self.source,
+            "digit": self.digit,
+            "probability": self.probability,
+            "top_k": [{"digit": digit, "probability": probability} for digit, probability in self.top_k],
+            "runner_up": None if self.runner_up is None else dict(zip(("digit", "probability"), self.runner_up)),
+            "probabilities": self.probabilities,
+            "warnings": self.warnings,
+            "error": self.error,
+        }
+
+
+def describe_source(source: ImageSource, index: int) -> str:
+    """A name for a picture in reports: its path, else its kind and position in the input."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, Image.Image) and getattr(source, "filename", ""):
+        return str(source.filename)
+    kind = (
+        "bytes"
+        if isinstance(source, (bytes, bytearray))
+        else "array"
+        if isinstance(source, np.ndarray)
+        else "image"
+    )
+    return f"<{kind} {index}>"
+
+
+def prepare_image(source: ImageSource, index: int = 0) -> ImagePrediction:
+    """Load and preprocess one picture: an `ImagePrediction` with its 28×28 `image`, or its `error`.
+
+    `index` names pictures that are not files (`describe_source`). The network
+    is not run: `classify` fills in the digits of many prepared pictures at once.
+    """
+    result = ImagePrediction(source=describe_source(source, index))
+    try:
+        picture = source if isinstance(source, (Image.Image, np.ndarray)) else load_image(source)
+        result.image, report = preprocess_with_report(picture)
+        result.warnings = report.warnings
+    except DigitlabError as error:
+        named = not isinstance(source, (str, os.PathLike)) or str(error).startswith(result.source)
+        result.error = str(error) if named else f"{result.source}: {error}"
+    return result
+
+
+def prepare_images(sources: Sequence[ImageSource], workers: int = 1) -> Iterator[ImagePrediction]:
+    """`prepare_image` for each source (its index in `sources` names it), yielded in order.
+
+    With `workers` above 1 and at least `POOL_MIN_IMAGES` sources, chunks of
+    `CHUNK_SIZE` are prepared by that many worker processes, at most two chunks
+    per worker ahead of the consumer, so memory stays bounded and the caller can
+    run the network on earlier pictures meanwhile. The results are the same either way.
+    """
+    if workers < 1:
+        raise DigitlabError(f"workers must be at least 1, got {workers}")
+    if workers == 1 or len(sources) < POOL_MIN_IMAGES:
+        for index, source in enumerate(sources):
+            yield prepare_image(source, index)
+        return
+    chunks = iter(range(0, len(sources), CHUNK_SIZE))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+
+        def submit(start: int) -> tuple[int, Future[list[ImagePrediction]] | None]:
+            part = sources[start : start + CHUNK_SIZE]
+            portable = all(isinstance(source, PORTABLE_SOURCES) for source in part)
+            return start, pool.submit(prepare_chunk, part, start) if portable else None
+
+        pending = deque(submit(start) for _, start in zip(range(2 * workers), chunks))
+        while pending:
+            start, future = pending.popleft()
+            following = next(chunks, None)
+            if following is not None:
+                pending.append(submit(following))
+            yield from future.result() if future else prepare_chunk(sources[start : start + CHUNK_SIZE], start)
+
+
+def prepare_chunk(sources: Sequence[ImageSource], first_index: int) -> list[ImagePrediction]:
+    """`prepare_image` for consecutive sources, the first of which is `first_index` in the caller's list."""
+    return [prepare_image(source, index) for index, source in enumerate(sources, start=first_index)]
