@@ -132,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = devices.resolve_device(args.device)
-    precision, reason = devices.choose_precision("auto", device)
+    precision, reason = devices.choose_precision("auto", device, graphed=device.type == "cuda")
     (x_train, y_train), test = load_mnist(progress=False)
     mnist = (x_train[: args.limit], y_train[: args.limit]), test
     warm_up(mnist, device)

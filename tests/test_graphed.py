@@ -70,8 +70,8 @@ def trained_on_cuda(mnist, count: int, **settings) -> tuple[torch.nn.Module, dic
 def test_the_captured_step_trains_as_the_eager_loop_does(mnist, recipe):
     """Same seed, same batches: after 640 images the weights agree to float rounding, and so do the metrics.
 
-    Not bit for bit: the eager loop's SGD reads its rate as a number, the graph's as a float32 tensor, and
-    such differences grow with every step (after 2,000 lab images they had grown to 0.55% on an H100).
+    Not bit for bit: rounding differences (the eager SGD reads its rate as a number, the graph's as a float32
+    tensor) grow with every step; after 2,000 lab images the two were 0.55% apart on an H100.
     """
     graphed, graphed_epoch = trained_on_cuda(mnist, 640, cuda_graph=True, **recipe)
     eager, eager_epoch = trained_on_cuda(mnist, 640, cuda_graph=False, **recipe)
