@@ -48,7 +48,7 @@ def accuracy(results: list[ImagePrediction], labels: np.ndarray) -> float:
     return float(np.mean([result.digit == label for result, label in zip(results, labels)]))
 
 
-# Measured with the bundled model (99.43% on the MNIST test set; 97.5% on these 40 raw digits):
+# Measured with the first bundled model (99.43% on the MNIST test set; 97.5% on these 40 raw digits):
 # every style 97.5-100%, pooled 98.4%.
 @pytest.mark.parametrize("style", list(STYLES))
 def test_pictures_made_the_usual_ways_are_recognized(rendered, style):
