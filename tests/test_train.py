@@ -42,6 +42,7 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a full fp32 epoch on 2 AVX2 cores: about 6 minutes alone, more on a busy machine
 def test_lab_recipe_one_full_epoch_learns_mnist(tmp_path, capsys):
     """fp32, the whole epoch. The seed reached 91.64% train / 92.58% test; its own Keras code gave 86-95% test."""
     status = main(
@@ -62,6 +63,7 @@ def test_lab_recipe_one_full_epoch_learns_mnist(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # emulated bf16 on an AVX2 CPU: 8-13 minutes alone, more on a busy machine
 def test_lab_recipe_learns_in_bf16(tmp_path, capsys):
     """bf16 autocast, on the first 12,000 images: native on AVX-512 BF16 / AMX, emulated (slow) on AVX2."""
     run_dir = tmp_path / "run"
