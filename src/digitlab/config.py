@@ -16,39 +16,25 @@ SCHEDULES = ("constant", "onecycle", "cosine")
 
 # The lab: SGD at 0.1 without momentum, batch 32, one epoch (TrainConfig's defaults).
 # The best recipe: same network, settings chosen on a validation split (benchmarks/tune_best.py, README).
+BEST_RECIPE: dict[str, Any] = {
+    "epochs": 20,
+    "batch_size": 128,
+    "lr": 0.2,
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight_decay": 5e-4,
+    "label_smoothing": 0.1,
+    "schedule": "onecycle",
+    "augment": True,
+    "elastic": 34.0,
+    "clean_epochs": 5,
+}
+# The robust recipe: the best one, and pictures as other scanners and pens give them (low resolution,
+# stroke width, blur), for handwriting unlike MNIST's; the bundled model's (benchmarks/train_candidates.py, README).
 RECIPES: dict[str, dict[str, Any]] = {
     "lab": {},
-    "best": {
-        "epochs": 20,
-        "batch_size": 128,
-        "lr": 0.2,
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 5e-4,
-        "label_smoothing": 0.1,
-        "schedule": "onecycle",
-        "augment": True,
-        "elastic": 34.0,
-        "clean_epochs": 5,
-    },
-    # The best recipe, and pictures as other scanners and pens give them (low resolution, stroke width,
-    # blur), for handwriting unlike MNIST's (the UCI digits): a candidate, to be measured (benchmarks/train_candidates.py).
-    "robust": {
-        "epochs": 20,
-        "batch_size": 128,
-        "lr": 0.2,
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 5e-4,
-        "label_smoothing": 0.1,
-        "schedule": "onecycle",
-        "augment": True,
-        "elastic": 34.0,
-        "clean_epochs": 5,
-        "low_res": 0.5,
-        "stroke": 0.5,
-        "blur": 0.25,
-    },
+    "best": BEST_RECIPE,
+    "robust": {**BEST_RECIPE, "low_res": 0.5, "stroke": 0.5, "blur": 0.25},
 }
 
 TRAINING_PRECISIONS = ("auto", "fp32", "bf16")  # no fp16: it would need loss scaling (a GradScaler)
