@@ -415,9 +415,7 @@ def flatten_background(ink: np.ndarray, grid: int = 6, spread: float = 0.08) -> 
 
 def _neighbourhood_max(values: np.ndarray) -> np.ndarray:
     """Each element's maximum over its 3×3 neighbourhood (a dilation, for boolean masks)."""
-    padded = _pad_one(values, reflect=False)
-    across = np.maximum(np.maximum(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:])
-    return np.maximum(np.maximum(across[:-2], across[1:-1]), across[2:])
+    return np.maximum(_ring_extreme(_pad_one(values, reflect=False), np.maximum), values)
 
 
 def threshold(ink: np.ndarray) -> np.ndarray:
