@@ -8,11 +8,16 @@ validation accuracy (last epoch, when there is a split), MNIST test accuracy,
 and the UCI digits (`benchmarks/uci_digits.py`'s 64×64 dark-on-white PNG files)
 read through the path of `digitlab predict` (`prepare_image` then `classify`), so
 the digits equal what `digitlab predict` prints. The table and the mean ± standard
-deviation per variant are printed and written to OUT/results.json.
+deviation per variant are printed and written to OUT/results.json, with the MNIST
+test accuracy of each variant's seeds as an ensemble (their mean probabilities).
+`--teacher MODEL` (repeatable) distils every variant from those models (`digitlab
+train --teacher`), for instance from the models of an earlier run of this script.
 
 Needs torch, numpy, Pillow, scikit-learn, tqdm, safetensors (no web service packages).
 
     python benchmarks/train_candidates.py --variants best robust --seeds 0 1 2 --device cuda --out cand/
+    python benchmarks/train_candidates.py --variants robust robust:distill=0.8 --seeds 0 1 2 --device cuda \\
+        --teacher cand/runs/robust-seed1{0,1,2,3}/model.safetensors --out students/
     python benchmarks/train_candidates.py --variants robust --seeds 0 --limit 2000 --epochs 1 --uci-count 50 \\
         --device cpu --out /tmp/smoke                                        # a smoke test
 """
@@ -30,12 +35,18 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
 from uci_digits import render, uci_digits  # noqa: E402
 
 from digitlab.config import RECIPES, TrainConfig  # noqa: E402
+from digitlab.data import load_mnist  # noqa: E402
+from digitlab.devices import resolve_device  # noqa: E402
 from digitlab.errors import DigitlabError  # noqa: E402
+from digitlab.inference import batched_logits  # noqa: E402
+from digitlab.model import as_model_input  # noqa: E402
 from digitlab.predict import ImagePrediction, classify, load_recognizer, prepare_image  # noqa: E402
 from digitlab.runs import run_training  # noqa: E402
+from digitlab.serialization import load_model  # noqa: E402
 
 COLUMNS = ("variant", "seed", "train_seconds", "val_accuracy", "test_accuracy", "uci_accuracy")
 
@@ -63,6 +74,14 @@ def score_uci(model_path: Path, prepared: list[ImagePrediction], labels: np.ndar
     results = [replace(result) for result in prepared]  # classify fills them in: a fresh copy per model
     classify(load_recognizer(model_path), results)
     return float(np.mean(np.array([result.digit for result in results]) == labels))
+
+
+def ensemble_accuracy(model_paths: list[str], images: np.ndarray, labels: np.ndarray, device: str) -> float:
+    """MNIST test accuracy of the models' mean probabilities (each model's own calibration ignored)."""
+    inputs = as_model_input(torch.from_numpy(images))
+    probabilities = sum(batched_logits(load_model(path)[0], inputs, device=resolve_device(device)).softmax(1)
+                        for path in model_paths)  # fmt: skip
+    return float((probabilities.argmax(1).numpy() == labels).mean())
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -94,13 +113,15 @@ def format_table(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> s
         lines.append(f"{row['variant']:<{width}} {row['seed']:>4} {row['train_seconds']:>8.1f} "
                      f"{pct(row['val_accuracy']):>8} {pct(row['test_accuracy']):>10} {pct(row['uci_accuracy']):>8}")  # fmt: skip
     lines.append("")
-    lines.append(f"{'variant':<{width}} {'seeds':>5}  {'val acc':>16} {'MNIST test':>16} {'UCI':>16}   (mean ± std)")
+    lines.append(f"{'variant':<{width}} {'seeds':>5}  {'val acc':>16} {'MNIST test':>16} {'UCI':>16} "
+                 f"{'ensemble test':>13}   (mean ± std)")  # fmt: skip
     for record in summary:
         cells = []
         for metric in ("val_accuracy", "test_accuracy", "uci_accuracy"):
             stats = record.get(metric)
             cells.append("-" if stats is None else f"{stats['mean']:.2%} ± {stats['std']:.2%}")
-        lines.append(f"{record['variant']:<{width}} {record['seeds']:>5}  {cells[0]:>16} {cells[1]:>16} {cells[2]:>16}")
+        lines.append(f"{record['variant']:<{width}} {record['seeds']:>5}  {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} "
+                     f"{pct(record.get('ensemble_test_accuracy')):>13}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -116,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--uci-count", type=int, help="score the first N UCI digits (default: all 1,797)")
     parser.add_argument("--data-dir", help="MNIST directory (default: as digitlab train finds it)")
     parser.add_argument("--out", type=Path, required=True, help="directory for the runs, the UCI pictures, results.json")
+    parser.add_argument("--teacher", action="append", default=[], metavar="MODEL",
+                        help="distil every variant from this model (repeatable: their mean probabilities)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     args = parser.parse_args(argv)
@@ -124,11 +147,13 @@ def main(argv: list[str] | None = None) -> None:
         variants = {spec: parse_variant(spec) for spec in args.variants}
         configs = {
             (spec, seed): TrainConfig.from_recipe(recipe, **{**overrides, "seed": seed, "device": args.device,
-                                                             "epochs": args.epochs or overrides.get("epochs")})
+                                                             "epochs": args.epochs or overrides.get("epochs"),
+                                                             "teacher": args.teacher or overrides.get("teacher")})
             for spec, (recipe, overrides) in variants.items() for seed in args.seeds
         }  # fmt: skip
     except DigitlabError as error:
         parser.error(str(error))
+    mnist_test = load_mnist(args.data_dir, progress=False)[1]
     images, labels = uci_digits(args.uci_count)
     paths = render(images, labels, args.out / "uci")
     prepared = [prepare_image(path) for path in paths]
@@ -150,10 +175,14 @@ def main(argv: list[str] | None = None) -> None:
         })  # fmt: skip
         print(f"{name}: MNIST test {rows[-1]['test_accuracy']:.2%}, UCI {rows[-1]['uci_accuracy']:.2%}", flush=True)
         summary = summarise(rows)
+        for record in summary:
+            models = [row["model"] for row in rows if row["variant"] == record["variant"]]
+            if len(models) > 1:
+                record["ensemble_test_accuracy"] = ensemble_accuracy(models, *mnist_test, args.device)
         report = {"rows": rows, "summary": summary, "uci_digits": len(paths), "val_split": args.val_split,
                   "limit": args.limit, "device": args.device}  # fmt: skip
         (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")  # after each run: nothing lost
-    print(format_table(rows, summarise(rows)))
+    print(format_table(rows, summary))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from digitlab.errors import DigitlabError
 def test_trajectory_keys_are_the_settings_that_change_the_weights():
     assert set(TRAJECTORY_KEYS) == {
         "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "label_smoothing",
-        "schedule", "augment", "elastic", "low_res", "stroke", "blur", "clean_epochs", "seed", "precision",
+        "schedule", "augment", "elastic", "low_res", "stroke", "blur", "clean_epochs", "teacher", "distill", "seed",
+        "precision",
     }  # fmt: skip
 
 

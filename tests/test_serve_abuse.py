@@ -243,6 +243,14 @@ def test_the_model_card_shows_no_local_paths_or_host_details(bundled_model_path)
     assert card["test"]["accuracy"] > 0.9 and card["file"] == bundled_model_path.name
 
 
+def test_a_distilled_models_card_names_its_teachers_files_not_their_paths(bundled_model_path):
+    _, card = load_model(bundled_model_path)
+    card["config"]["teacher"] = ["/home/someone/runs/teacher-0/model.safetensors", "teacher-1.safetensors"]
+    shown = serve_module.public_card(card)
+    assert shown["config"]["teacher"] == ["model.safetensors", "teacher-1.safetensors"]
+    assert card["config"]["teacher"][0].startswith("/home/someone")  # the card itself is left as it was
+
+
 def nan_model(bundled_model_path: Path, tmp_path: Path) -> Path:
     from safetensors.torch import save_file
 

@@ -478,3 +478,59 @@ def test_restored_momentum_buffers_have_their_parameters_memory_layout(mnist, tm
     assert any(not p.is_contiguous() for p in kernels)  # channels-last strides differ from the default ones
     for param in model.parameters():
         assert optimizer.state[param]["momentum_buffer"].stride() == param.stride()
+
+
+def test_a_distilled_student_learns_its_teachers_answers_not_wrong_labels(mnist, bundled_model_path):
+    """Trained briefly on wrong labels, a student reads digits as its teacher does only when it learns
+    from the teacher. (The student's BatchNorm uses batch statistics: its running ones are still far off.)"""
+    (x, y), (x_test, y_test) = mnist
+    wrong = torch.as_tensor(y[:2000]).roll(1).numpy()  # each image gets its neighbour's label
+    test_images, test_labels = torch.as_tensor(x_test[:1000, None]).float() / 255, torch.as_tensor(y_test[:1000])
+
+    def accuracy(distill: float) -> float:
+        model = build_model(seed=0)
+        config = TrainConfig(epochs=2, seed=5, device="cpu", teacher=(str(bundled_model_path),), distill=distill)
+        train(model, x[:2000], wrong, config, progress=False)
+        with torch.no_grad():
+            return (model.train()(test_images).argmax(1) == test_labels).float().mean().item()
+
+    taught, untaught = accuracy(1.0), accuracy(0.0)
+    assert taught > 0.45  # 0.65-0.74 over seeds 1, 2, 5; chance is 0.1
+    assert untaught < 0.3  # 0.14-0.21
+
+
+def test_distillation_mixes_the_label_loss_and_the_teachers_mean_probabilities():
+    from digitlab.train import _loss
+
+    logits, y = torch.randn(8, 10), torch.randint(10, (8,))
+    teachers = [torch.randn(8, 10), torch.randn(8, 10)]
+    mean_probabilities = (teachers[0].softmax(1) + teachers[1].softmax(1)) / 2
+    soft = -(mean_probabilities * logits.log_softmax(1)).sum(1).mean()
+    hard = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
+    config = TrainConfig(label_smoothing=0.1, distill=0.25)
+    assert torch.allclose(_loss(logits, y, config, teachers), 0.75 * hard + 0.25 * soft)
+    assert torch.allclose(_loss(logits, y, config, []), hard)
+
+
+def test_a_distilled_run_resumes_only_with_its_teachers(mnist, small_model_path, tmp_path):
+    (x, y), _ = mnist
+    checkpoints = Checkpoints(tmp_path / "checkpoints")
+    config = dict(seed=1, epochs=2, checkpoint_every=1, device="cpu")
+    teacher = (str(small_model_path),)
+    train(build_model(), x[:64], y[:64], TrainConfig(**config, teacher=teacher), checkpoints=checkpoints, progress=False)
+    train(build_model(), x[:64], y[:64], TrainConfig(**config, teacher=teacher), checkpoints=checkpoints, resume=True,
+          progress=False)  # fmt: skip
+    with pytest.raises(DigitlabError, match="teacher=.*but this run has teacher=\\[\\]"):
+        train(build_model(), x[:64], y[:64], TrainConfig(**config), checkpoints=checkpoints, resume=True,
+              progress=False)  # fmt: skip
+
+
+def test_train_command_takes_teachers(small_model_path, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["train", "--limit", "256", "--seed", "0", "--device", "cpu", "--teacher", str(small_model_path),
+                 "--teacher", str(small_model_path), "--distill", "0.7", "--run-dir", str(run_dir),
+                 "--data-dir", str(mnist_dir())])  # fmt: skip
+    assert code == 0
+    _, card = load_model(run_dir / "model.safetensors")
+    assert card["config"]["teacher"] == [str(small_model_path)] * 2
+    assert card["config"]["distill"] == 0.7

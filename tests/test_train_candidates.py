@@ -13,7 +13,7 @@ from conftest import REPO_ROOT, mnist_dir
 from digitlab.errors import DigitlabError
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-from train_candidates import parse_variant, summarise  # noqa: E402
+from train_candidates import ensemble_accuracy, parse_variant, summarise  # noqa: E402
 
 SCRIPT = REPO_ROOT / "benchmarks" / "train_candidates.py"
 
@@ -58,5 +58,24 @@ def test_the_script_trains_saves_and_scores_without_the_web_service(tmp_path):
         assert (tmp_path / "runs" / f"robust-clean_epochs0-seed{row['seed']}" / "model.safetensors").is_file()
         assert row["config"]["low_res"] == 0.5 and row["config"]["epochs"] == 1
         assert 0 <= row["uci_accuracy"] <= 1 and 0 <= row["test_accuracy"] <= 1 and row["val_accuracy"] is not None
-    assert report["summary"][0]["seeds"] == 2
+    assert report["summary"][0]["seeds"] == 2 and 0 <= report["summary"][0]["ensemble_test_accuracy"] <= 1
     assert "MNIST test" in finished.stdout and "robust:clean_epochs=0" in finished.stdout
+
+    teachers = [arg for row in report["rows"] for arg in ("--teacher", row["model"])]
+    students = [*args[: args.index("--out")], "--out", str(tmp_path / "students"), "--quiet", *teachers]
+    students[args.index("--seeds") + 1 : args.index("--seeds") + 3] = ["2"]  # one student
+    finished = subprocess.run([sys.executable, str(SCRIPT), *students], capture_output=True, text=True, env=env,
+                              timeout=600, check=False)  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    (student,) = json.loads((tmp_path / "students" / "results.json").read_text())["rows"]
+    assert student["config"]["teacher"] == [row["model"] for row in report["rows"]]
+
+
+def test_an_ensemble_of_copies_of_one_model_scores_as_that_model(bundled_model_path, mnist):
+    from digitlab.evaluate import evaluate
+    from digitlab.serialization import load_model
+
+    _, (x_test, y_test) = mnist
+    alone = evaluate(load_model(bundled_model_path)[0], x_test[:500], y_test[:500]).accuracy
+    copies = [str(bundled_model_path)] * 3
+    assert ensemble_accuracy(copies, x_test[:500], y_test[:500], "cpu") == pytest.approx(alone, abs=1e-9)

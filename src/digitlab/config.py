@@ -42,7 +42,7 @@ LOGGERS = ("tensorboard", "mlflow")  # besides the run directory's metrics.csv a
 
 
 # The option groups of `digitlab train`, in the order its help shows them.
-GROUPS = ("recipe", "optimisation", "augmentation", "validation", "checkpoints", "logging", "reproducibility and speed")
+GROUPS = ("recipe", "optimisation", "augmentation", "distillation", "validation", "checkpoints", "logging", "reproducibility and speed")
 
 
 def setting(default: Any, help: str, group: str, *, trajectory: bool = False,
@@ -103,6 +103,11 @@ class TrainConfig:
                           "augmentation", trajectory=True, check=_FRACTION, metavar="FRACTION")  # fmt: skip
     clean_epochs: int = setting(0, "with --augment: train the last N epochs on unaltered images", "augmentation",
                                 trajectory=True, check=(lambda v: v >= 0, ">= 0"), metavar="N")  # fmt: skip
+    teacher: tuple[str, ...] = setting((), "learn also from this trained model's probabilities (repeatable: "
+                                       "their mean), as distillation does", "distillation", trajectory=True,
+                                       metavar="MODEL")  # fmt: skip
+    distill: float = setting(0.5, "with --teacher: the teachers' share of the loss (the rest: the labels)",
+                             "distillation", trajectory=True, check=_FRACTION, metavar="FRACTION")  # fmt: skip
     seed: int | None = setting(None, "makes the run reproducible (default: random, recorded)",
                                "reproducibility and speed", trajectory=True)  # fmt: skip
     precision: str = setting("auto", "auto: bf16 where the CPU runs it natively, else fp32",
@@ -125,7 +130,8 @@ class TrainConfig:
                                    metavar="NAME")  # fmt: skip
 
     def __post_init__(self) -> None:
-        self.log = tuple(self.log)  # a list from the command line or a JSON file: one form everywhere
+        # A list from the command line or a JSON file: one form everywhere.
+        self.log, self.teacher = tuple(self.log), tuple(self.teacher)
 
     @classmethod
     def from_recipe(cls, recipe: str = "lab", **overrides: Any) -> TrainConfig:

@@ -12,36 +12,38 @@ are set up before capture.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from collections.abc import Callable
 
-from digitlab import devices
+import torch
 
 EAGER_STEPS = 3  # real steps run before capture, as PyTorch's CUDA-graph guide recommends
+
+
+StepBody = Callable[..., None]
+"""`body(x, y, sums, autocast_cache=...)`: forward, loss, backward and update on one batch whose
+gradients were cleared, adding its loss sum, correct predictions and size to `sums`."""
 
 
 class GraphedStep:
     """Train on full batches of one size by replaying a captured CUDA graph of the whole step.
 
-    `sums` holds the running loss sum, correct predictions and samples, as the
-    eager loop keeps them. The optimizer must be a fused SGD (`fused=True`):
-    its update reads the learning rate from a device tensor inside the graph.
+    `body` is the eager loop's step (`digitlab.train`), run on fixed batch
+    buffers; `sums` holds the running loss sum, correct predictions and
+    samples, as the eager loop keeps them. The optimizer must be a fused SGD
+    (`fused=True`): its update reads the learning rate from a device tensor
+    inside the graph.
     """
 
     def __init__(
         self,
-        net: nn.Module,
+        body: StepBody,
         optimizer: torch.optim.SGD,
         *,
         batch_size: int,
-        precision: str,
         device: torch.device,
-        label_smoothing: float,
         memory_format: torch.memory_format,
     ) -> None:
-        self.net, self.optimizer, self.precision, self.device = net, optimizer, precision, device
-        self.label_smoothing = label_smoothing
+        self.body, self.optimizer, self.device = body, optimizer, device
         self.batch_size = batch_size
         self.x = torch.zeros(batch_size, 1, 28, 28, device=device).contiguous(memory_format=memory_format)
         self.y = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -68,16 +70,8 @@ class GraphedStep:
             self._capture()
             self._graph.replay()
 
-    def _body(self) -> None:
-        with devices.autocast(self.precision, self.device, cache=False):  # a graph cannot hold autocast's cache
-            logits = self.net(self.x)
-        loss = F.cross_entropy(logits.float(), self.y, label_smoothing=self.label_smoothing)
-        loss.backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            self.sums[0] += loss.detach() * self.batch_size
-            self.sums[1] += (logits.argmax(1) == self.y).sum()
-            self.sums[2] += self.batch_size
+    def _run_body(self) -> None:
+        self.body(self.x, self.y, self.sums, autocast_cache=False)  # a graph cannot hold autocast's cache
 
     def _eager_step(self) -> None:
         """A real step on a side stream, as capture wants the work before it off the default stream."""
@@ -85,7 +79,7 @@ class GraphedStep:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             self.optimizer.zero_grad(set_to_none=True)
-            self._body()
+            self._run_body()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self._eager_steps += 1
 
@@ -94,7 +88,7 @@ class GraphedStep:
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._body()
+            self._run_body()
         self._graph = graph
 
 

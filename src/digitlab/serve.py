@@ -514,6 +514,9 @@ def public_card(card: dict[str, Any]) -> dict[str, Any]:
     history = card.get("history")
     if isinstance(history, dict):
         history.pop("steps", None)
+    config = card.get("config")
+    if isinstance(config, dict) and isinstance(config.get("teacher"), list):
+        config["teacher"] = [Path(str(path)).name for path in config["teacher"]]  # a file name, not a local path
     return card
 
 

@@ -9,6 +9,7 @@ ends with exactly the weights of an uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -309,16 +310,22 @@ class Checkpoints:
 def _check_resumable(state: dict[str, Any], config: TrainConfig, ranks: devices.Ranks, path: Path) -> None:
     saved = {**asdict(TrainConfig()), **state.get("config", {})}  # settings added later: their defaults
     for key in TRAJECTORY_KEYS:
-        if saved[key] != getattr(config, key):
+        written, wanted = _as_saved(saved[key]), _as_saved(getattr(config, key))
+        if written != wanted:
             raise DigitlabError(
-                f"checkpoint {path.name} was written with {key}={saved[key]!r}, "
-                f"but this run has {key}={getattr(config, key)!r}; resume with the run's own settings"
+                f"checkpoint {path.name} was written with {key}={written!r}, "
+                f"but this run has {key}={wanted!r}; resume with the run's own settings"
             )
     if state.get("world_size", 1) != ranks.world_size:
         raise DigitlabError(
             f"checkpoint {path.name} was written by {state.get('world_size')} process(es), "
             f"this run has {ranks.world_size}; resume with the same number of processes"
         )
+
+
+def _as_saved(value: Any) -> Any:
+    """A setting as a checkpoint's JSON gives it back (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 @dataclass(frozen=True)
@@ -367,6 +374,7 @@ class _Run:
     images: torch.Tensor
     labels: torch.Tensor
     steps_per_epoch: int
+    teachers: list[nn.Module]  # models to distil from (`config.teacher`)
     graphed: GraphedStep | None = None  # the captured step, on CUDA
     checkpoints: Checkpoints | None = None
     validation: tuple[np.ndarray, np.ndarray] | None = None
@@ -484,11 +492,18 @@ def _prepare(
     order_len = len(epoch_order(images.shape[0], setup.seed, 0, setup.ranks))
     steps_per_epoch = math.ceil(order_len / config.batch_size)
     optimizer = _make_optimizer(model, config)
-    graphed = None
+    teachers = [_load_teacher(path, device, memory_format) for path in config.teacher]
+    run = _Run(config, setup, model, net, optimizer, images, labels, steps_per_epoch, teachers)
     if can_graph(device, enabled=config.cuda_graph, world_size=setup.ranks.world_size, compiled=config.compile):
-        graphed = GraphedStep(net, optimizer, batch_size=config.batch_size, precision=setup.precision, device=device,
-                              label_smoothing=config.label_smoothing, memory_format=memory_format)  # fmt: skip
-    return _Run(config, setup, model, net, optimizer, images, labels, steps_per_epoch, graphed)
+        run.graphed = GraphedStep(functools.partial(_learn, run), optimizer, batch_size=config.batch_size,
+                                  device=device, memory_format=memory_format)  # fmt: skip
+    return run
+
+
+def _load_teacher(path: str, device: torch.device, memory_format: torch.memory_format) -> nn.Module:
+    """A trained model to distil from, frozen, in inference mode, on the run's device."""
+    teacher, _ = load_model(path)
+    return teacher.to(device=device, memory_format=memory_format).eval().requires_grad_(False)
 
 
 def _resume(run: _Run) -> Position:
@@ -557,25 +572,42 @@ def _train_step(
     run: _Run, pixels: torch.Tensor, y: torch.Tensor, epoch: int, global_step: int, sums: torch.Tensor
 ) -> None:
     """One optimizer step on a batch of uint8 images; adds its loss, hits and size to `sums`."""
-    config, setup = run.config, run.setup
-    lr = learning_rate(config, global_step, run.total_steps)
+    lr = learning_rate(run.config, global_step, run.total_steps)
     x = _batch_input(run, pixels, epoch, global_step)
     if run.graphed is not None and len(y) == run.graphed.batch_size:
         run.graphed.step(x, y, lr)
         return
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    x = x.contiguous(memory_format=run.memory_format)
-    with devices.autocast(setup.precision, setup.device):
-        logits = run.net(x)
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
     run.optimizer.zero_grad(set_to_none=True)
+    _learn(run, x.contiguous(memory_format=run.memory_format), y, sums)
+
+
+def _learn(run: _Run, x: torch.Tensor, y: torch.Tensor, sums: torch.Tensor, *, autocast_cache: bool = True) -> None:
+    """Forward, loss, backward and update on a batch whose gradients were cleared; adds its loss sum,
+    correct predictions and size to `sums`. The eager loop calls it, and `GraphedStep` captures it."""
+    setup = run.setup
+    with devices.autocast(setup.precision, setup.device, cache=autocast_cache):
+        logits = run.net(x)
+        with torch.no_grad():
+            teacher_logits = [teacher(x) for teacher in run.teachers]
+    loss = _loss(logits.float(), y, run.config, [t.float() for t in teacher_logits])
     loss.backward()
     run.optimizer.step()
     with torch.no_grad():
         sums[0] += loss.detach() * len(y)
         sums[1] += (logits.argmax(1) == y).sum()
         sums[2] += len(y)
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, config: TrainConfig, teacher_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy with the labels (smoothed as the recipe says); with teachers, mixed with the
+    cross-entropy with their mean probabilities, `config.distill` of it."""
+    loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+    if not teacher_logits:
+        return loss
+    targets = torch.stack([t.softmax(1) for t in teacher_logits]).mean(0)
+    return (1 - config.distill) * loss + config.distill * F.cross_entropy(logits, targets)
 
 
 def _batch_input(run: _Run, pixels: torch.Tensor, epoch: int, global_step: int) -> torch.Tensor:
