@@ -534,3 +534,12 @@ def test_train_command_takes_teachers(small_model_path, tmp_path, capsys):
     _, card = load_model(run_dir / "model.safetensors")
     assert card["config"]["teacher"] == [str(small_model_path)] * 2
     assert card["config"]["distill"] == 0.7
+
+
+def test_a_missing_teacher_is_refused_before_the_run_directory_is_made(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["train", "--limit", "64", "--teacher", str(tmp_path / "absent.safetensors"), "--run-dir", str(run_dir),
+                 "--data-dir", str(mnist_dir())])  # fmt: skip
+    assert code != 0
+    assert "absent.safetensors" in capsys.readouterr().err
+    assert not run_dir.exists()

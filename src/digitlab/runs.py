@@ -36,7 +36,13 @@ from digitlab.evaluate import Evaluation, evaluate_sharded
 from digitlab.live import CSV_NAME, LiveFiles, epochs_csv, live_history, read_records
 from digitlab.loggers import Logger, MLflowLogger, TensorBoardLogger, check_available
 from digitlab.model import build_model, parameter_counts, summary
-from digitlab.serialization import check_model_path, save_model, write_json_atomic, write_text_atomic
+from digitlab.serialization import (
+    check_model_path,
+    load_model,
+    save_model,
+    write_json_atomic,
+    write_text_atomic,
+)
 from digitlab.train import (
     Checkpoints,
     History,
@@ -161,6 +167,8 @@ def run_training(
     config.validate()
     config.check_needs(validation=val_split > 0, checkpoints=True)
     check_available(config.log)
+    for teacher in config.teacher:
+        load_model(teacher)  # a missing or damaged teacher is refused here, before any directory is made
     setup = resolve_setup(config)
     config = replace(config, seed=setup.seed)
     main = setup.ranks.is_main
