@@ -9,8 +9,8 @@ cuDNN:
 
   torch-plain           the loop a PyTorch user writes, with the data already on the GPU (fp32);
   digitlab-eager-fp32   `digitlab.train.train` with --no-cuda-graph, fp32 (and -bf16);
-  digitlab-graph-fp32   `digitlab.train.train` as `digitlab train` runs it: the whole step as one CUDA graph
-                        (fp32 is what `--precision auto` picks on a GPU; -bf16 for comparison).
+  digitlab-graph-bf16   `digitlab.train.train` as `digitlab train` runs it: the whole step as one CUDA graph,
+                        in bf16 (what `--precision auto` picks for it on a GPU with native bf16; -fp32 beside it).
 
 Each time is the wall time of the training call (the data already on the GPU),
 median of --repeats runs; the test accuracy comes from the trained weights.
