@@ -76,12 +76,15 @@ def score_uci(model_path: Path, prepared: list[ImagePrediction], labels: np.ndar
     return float(np.mean(np.array([result.digit for result in results]) == labels))
 
 
-def ensemble_accuracy(model_paths: list[str], images: np.ndarray, labels: np.ndarray, device: str) -> float:
-    """MNIST test accuracy of the models' mean probabilities (each model's own calibration ignored)."""
+def probabilities(model_path: str, images: np.ndarray, device: str) -> torch.Tensor:
+    """The model's probabilities for uint8 images (its own calibration ignored)."""
     inputs = as_model_input(torch.from_numpy(images))
-    probabilities = sum(batched_logits(load_model(path)[0], inputs, device=resolve_device(device)).softmax(1)
-                        for path in model_paths)  # fmt: skip
-    return float((probabilities.argmax(1).numpy() == labels).mean())
+    return batched_logits(load_model(model_path)[0], inputs, device=resolve_device(device)).softmax(1)
+
+
+def ensemble_accuracy(members: list[torch.Tensor], labels: np.ndarray) -> float:
+    """The accuracy of the members' mean probabilities (each N×10, for the same N images)."""
+    return float((torch.stack(members).mean(0).argmax(1).numpy() == labels).mean())
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -153,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         }  # fmt: skip
     except DigitlabError as error:
         parser.error(str(error))
-    mnist_test = load_mnist(args.data_dir, progress=False)[1]
+    x_test, y_test = load_mnist(args.data_dir, progress=False)[1]
+    test_probabilities: dict[str, torch.Tensor] = {}  # each model's, computed once, for the ensembles
     images, labels = uci_digits(args.uci_count)
     paths = render(images, labels, args.out / "uci")
     prepared = [prepare_image(path) for path in paths]
@@ -174,11 +178,12 @@ def main(argv: list[str] | None = None) -> None:
             "config": result.card["config"],
         })  # fmt: skip
         print(f"{name}: MNIST test {rows[-1]['test_accuracy']:.2%}, UCI {rows[-1]['uci_accuracy']:.2%}", flush=True)
+        test_probabilities[str(result.model_path)] = probabilities(str(result.model_path), x_test, args.device)
         summary = summarise(rows)
         for record in summary:
-            models = [row["model"] for row in rows if row["variant"] == record["variant"]]
-            if len(models) > 1:
-                record["ensemble_test_accuracy"] = ensemble_accuracy(models, *mnist_test, args.device)
+            members = [test_probabilities[row["model"]] for row in rows if row["variant"] == record["variant"]]
+            if len(members) > 1:
+                record["ensemble_test_accuracy"] = ensemble_accuracy(members, y_test)
         report = {"rows": rows, "summary": summary, "uci_digits": len(paths), "val_split": args.val_split,
                   "limit": args.limit, "device": args.device}  # fmt: skip
         (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")  # after each run: nothing lost

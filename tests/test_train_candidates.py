@@ -13,7 +13,7 @@ from conftest import REPO_ROOT, mnist_dir
 from digitlab.errors import DigitlabError
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-from train_candidates import ensemble_accuracy, parse_variant, summarise  # noqa: E402
+from train_candidates import ensemble_accuracy, parse_variant, probabilities, summarise  # noqa: E402
 
 SCRIPT = REPO_ROOT / "benchmarks" / "train_candidates.py"
 
@@ -77,5 +77,5 @@ def test_an_ensemble_of_copies_of_one_model_scores_as_that_model(bundled_model_p
 
     _, (x_test, y_test) = mnist
     alone = evaluate(load_model(bundled_model_path)[0], x_test[:500], y_test[:500]).accuracy
-    copies = [str(bundled_model_path)] * 3
-    assert ensemble_accuracy(copies, x_test[:500], y_test[:500], "cpu") == pytest.approx(alone, abs=1e-9)
+    copies = [probabilities(str(bundled_model_path), x_test[:500], "cpu")] * 3
+    assert ensemble_accuracy(copies, y_test[:500]) == pytest.approx(alone, abs=1e-9)
