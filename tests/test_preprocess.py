@@ -207,16 +207,16 @@ def test_the_outer_band_is_the_pixels_near_the_edges():
         assert np.array_equal(np.sort(pp._outer_band(image)), np.sort(image[near]))
 
 
-def test_connected_components_match_a_flood_fill():
+def test_digit_pieces_are_the_boxes_of_the_8_connected_pieces_of_a_flood_fill():
     rng = np.random.default_rng(1)
     for density in (0.1, 0.3, 0.5):
-        mask = rng.random((30, 40)) < density
-        labels, count = pp.connected_components(mask)
-        expected = flood_fill_labels(mask)
-        assert count == len(expected)
-        found = [set(zip(*map(lambda a: a.tolist(), np.nonzero(labels == label))))for label in range(1, count + 1)]
-        assert sorted(map(sorted, found)) == sorted(map(sorted, expected))
-    assert pp.connected_components(np.zeros((5, 5), dtype=bool))[1] == 0
+        ink = (rng.random((30, 40)) < density).astype(np.float32)
+        expected = [
+            (min(r for r, _ in piece), min(c for _, c in piece), max(r for r, _ in piece) + 1, max(c for _, c in piece) + 1)
+            for piece in flood_fill_labels(ink > 0)
+        ]
+        assert sorted(pp.digit_pieces(ink, fraction=0.0)) == sorted(expected)
+    assert pp.digit_pieces(np.zeros((5, 5), dtype=np.float32)) == []
 
 
 def test_remove_specks_and_border_lines():

@@ -75,7 +75,9 @@ def test_legal_large_images_are_decoded_within_about_100_mb(bundled_model_path, 
         assert [p["digit"] for p in response.json()["predictions"]] == [7] * 4
         five = post_files(server.url, [(f"large{i}.png", large) for i in range(5)])
         assert five.status_code == 413 and "per request" in five.json()["detail"]
-        assert peak_memory_bytes(server.process.pid) == after  # refused from the headers alone
+        # refused from the headers alone: decoding one of them would take 46 MB (the allocator may keep
+        # the first request's memory, so the peak can move by the new request's few hundred KB of uploads)
+        assert peak_memory_bytes(server.process.pid) - after < 5e6
     assert after - before < 150e6, f"peak memory grew by {(after - before) / 1e6:.0f} MB"
 
 

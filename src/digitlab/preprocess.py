@@ -16,7 +16,7 @@ A scan, a phone photo or a paint-program drawing is none of that, so
 5. `flatten_background` (uneven lighting only) and `threshold`: subtract the background, stretch
    the ink to 1, and zero faint pixels that are not next to ink (the strokes' anti-aliased rim stays).
 6. `remove_border_lines` and `remove_specks`: drop a frame drawn around the digit and small
-   specks of noise (`connected_components` labels the ink).
+   specks of noise (the ink's 8-connected pieces, labelled by SciPy).
 7. `sharpen`: when the digit will be shrunk well down to fit the box, sharpen it at the box's scale (unsharp
    masking), which gives back the gaps and corners that a blurry or enlarged low-resolution digit lost.
 8. `crop_to_ink`: crop to the ink's bounding box, with a margin of background.
@@ -41,6 +41,7 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
 
 from digitlab.errors import DigitlabError
 
@@ -67,6 +68,8 @@ MAX_SINGLE_DIGIT_ASPECT = 1.5
 NO_INK_MESSAGE = "no ink found in the image: it is blank or has too little contrast; crop it to the digit"
 MULTIPLE_DIGITS_WARNING = "may contain more than one digit"
 LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
+"""Pixels touching by a side or a corner belong to one piece of ink."""
 
 
 @dataclass
@@ -478,54 +481,6 @@ def remove_border_lines(ink: np.ndarray, coverage: float = 0.8) -> np.ndarray:
     return cleaned
 
 
-def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Label the 8-connected regions of a boolean mask: (int32 labels, 0 for background and 1..n, n).
-
-    Works on runs of pixels within rows, joined with a union-find across
-    neighbouring rows, so it is fast even on large pictures.
-    """
-    mask = np.asarray(mask, dtype=bool)
-    height, width = mask.shape
-    framed = np.zeros((height, width + 2), dtype=np.int8)
-    framed[:, 1:-1] = mask
-    edges = np.diff(framed, axis=1)
-    run_rows, run_starts = np.nonzero(edges == 1)
-    run_ends = np.nonzero(edges == -1)[1]  # exclusive; row-major order pairs them with the starts
-    runs = len(run_rows)
-    labels = np.zeros((height, width), dtype=np.int32)
-    if runs == 0:
-        return labels, 0
-    parent = list(range(runs))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    starts, ends = run_starts.tolist(), run_ends.tolist()
-    row_first = np.searchsorted(run_rows, np.arange(height + 1)).tolist()
-    for row in range(1, height):
-        i, i_stop = row_first[row - 1], row_first[row]
-        j, j_stop = row_first[row], row_first[row + 1]
-        while i < i_stop and j < j_stop:
-            if starts[i] <= ends[j] and starts[j] <= ends[i]:  # overlapping or diagonally touching
-                root_i, root_j = find(i), find(j)
-                if root_i != root_j:
-                    parent[max(root_i, root_j)] = min(root_i, root_j)
-            if ends[i] < ends[j]:
-                i += 1
-            else:
-                j += 1
-    roots = np.array([find(i) for i in range(runs)])
-    _, run_labels = np.unique(roots, return_inverse=True)
-    lengths = run_ends - run_starts
-    first_pixel = run_rows * width + run_starts
-    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    labels.ravel()[np.repeat(first_pixel, lengths) + offsets] = np.repeat(run_labels + 1, lengths)
-    return labels, int(run_labels.max()) + 1
-
-
 def remove_specks(ink: np.ndarray, fraction: float = SPECK_FRACTION) -> np.ndarray:
     """Erase pieces of ink whose mass is below `fraction` of the largest piece's (noise, dust)."""
     return _specks_and_pieces(ink, fraction)[0]
@@ -543,7 +498,7 @@ def _specks_and_pieces(
     ink: np.ndarray, speck_fraction: float = SPECK_FRACTION, piece_fraction: float = DIGIT_FRACTION
 ) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
     """The ink without specks, and the boxes of its large pieces, from one labelling of the pieces."""
-    labels, count = connected_components(ink > 0)
+    labels, count = ndimage.label(ink > 0, structure=EIGHT_NEIGHBOURS)
     if count == 0:
         return ink, []
     masses = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=count + 1)
@@ -553,16 +508,9 @@ def _specks_and_pieces(
         keep = masses >= speck_fraction * largest
         keep[0] = False
         ink = np.where(keep[labels], ink, 0.0).astype(np.float32)
-    large = np.flatnonzero(masses >= piece_fraction * largest)
-    rows, cols = np.nonzero(labels)
-    owners = labels[rows, cols]
-    tops, lefts = np.full(count + 1, labels.shape[0]), np.full(count + 1, labels.shape[1])
-    bottoms, rights = np.zeros(count + 1, dtype=int), np.zeros(count + 1, dtype=int)
-    np.minimum.at(tops, owners, rows)
-    np.minimum.at(lefts, owners, cols)
-    np.maximum.at(bottoms, owners, rows + 1)
-    np.maximum.at(rights, owners, cols + 1)
-    return ink, [(int(tops[i]), int(lefts[i]), int(bottoms[i]), int(rights[i])) for i in large]
+    boxes = ndimage.find_objects(labels)
+    large = np.flatnonzero(masses[1:] >= piece_fraction * largest)
+    return ink, [(boxes[i][0].start, boxes[i][1].start, boxes[i][0].stop, boxes[i][1].stop) for i in large]
 
 
 def looks_like_several_digits(ink: np.ndarray, pieces: list[tuple[int, int, int, int]] | None = None) -> bool:

@@ -5,8 +5,9 @@ is created (so once per worker process); `serve` runs it under uvicorn. Images
 go through the same pipeline as `digitlab predict` (`digitlab.preparation.prepare_image`,
 then `classify`). Each request's images are decoded and preprocessed one after
 another in a pool of threads (one per core), within a pixel cap and a time
-budget, so a large request never stalls small ones; the network then reads the
-images of all requests waiting for it in one batch.
+budget, so a large request never stalls small ones; a request of small pictures
+is prepared on the event loop instead, where it costs less than the hop to the
+pool. The network then reads the images of all requests waiting for it in one batch.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ MAX_BODY_BYTES = 10 * 1024 * 1024
 MAX_IMAGES = 64
 MAX_REQUEST_PIXELS = 4 * MAX_PIXELS
 """Pixels all images of one request may declare together; they are decoded one at a time."""
+INLINE_PIXELS = 128 * 128
+"""A request whose images declare at most this many pixels together (a few ms of work) is prepared on the event
+loop: handing it to the pool and back costs more (`benchmarks/load.py`)."""
 TOP_K = 3
 STATIC_DIR = Path(str(resources.files("digitlab") / "static"))
 SETTINGS_ENVIRONMENT_VARIABLE = "DIGITLAB_SERVE_SETTINGS"
@@ -307,7 +311,7 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
     service.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def current_service(request: Request) -> Service:
+async def current_service(request: Request) -> Service:  # async: no thread hop per request
     return request.app.state.service
 
 
@@ -371,10 +375,12 @@ async def predict_endpoint(
     deadline = time.monotonic() + limits.time_budget
     if content_type.startswith("multipart/form-data"):
         names, uploads = await uploaded_files(request, limits.max_images)
-        prepared = await in_pool(service, prepare_uploads, names, uploads, limits, deadline)
+        small = sum(declared_sizes(names, uploads, limits)) <= INLINE_PIXELS
+        prepared = await in_pool(service, small, prepare_uploads, names, uploads, limits, deadline)
     elif content_type.startswith("application/json"):
         body = await request.body()
-        asked, prepared = await in_pool(service, prepare_pixel_arrays, body, limits, deadline)
+        small = len(body) <= 2 * INLINE_PIXELS  # a pixel takes two bytes of JSON at least
+        asked, prepared = await in_pool(service, small, prepare_pixel_arrays, body, limits, deadline)
         return_image = return_image or asked
     else:
         raise HTTPException(415, 'send images as multipart/form-data (field "files") or as JSON {"images": [...]}')
@@ -382,8 +388,11 @@ async def predict_endpoint(
     return PredictResponse(predictions=[image_result(result, return_image) for result in prepared])
 
 
-async def in_pool(service: Service, function: Callable[..., T], *args: Any) -> T:
-    """Run `function(*args)` in the service's preprocessing pool, off the event loop and the batcher."""
+async def in_pool(service: Service, small: bool, function: Callable[..., T], *args: Any) -> T:
+    """Run `function(*args)` in the service's preprocessing pool, off the event loop and the batcher; `small`
+    work (`INLINE_PIXELS`) runs here at once."""
+    if small:
+        return function(*args)
     return await asyncio.get_running_loop().run_in_executor(service.pool, function, *args)
 
 
@@ -421,22 +430,24 @@ async def uploaded_files(request: Request, max_images: int) -> tuple[list[str], 
     return names, contents
 
 
-def prepare_uploads(names: list[str], uploads: list[bytes], limits: Limits, deadline: float) -> list[ImagePrediction]:
-    """Decode and preprocess uploaded files one at a time (422 for a file that is not an image).
-
-    Before any is decoded, each file's declared size is checked (422 beyond the
-    per-image cap) and their sum (413 beyond the per-request cap); the time
-    budget is checked before each image.
-    """
+def declared_sizes(names: list[str], uploads: list[bytes], limits: Limits) -> list[int]:
+    """The pixels each uploaded file declares in its header, none decoded: 422 beyond the per-image cap,
+    413 when their sum is beyond the per-request cap."""
     sizes = [declared_pixels(data) for data in uploads]
     for name, data, pixels in zip(names, uploads, sizes):
         if pixels > MAX_PIXELS:
-            decode(name, data)  # refused from its header, before any other file is decoded
+            decode(name, data)  # refused from its header
     if sum(sizes) > limits.max_request_pixels:
         raise HTTPException(
             413, f"the {len(uploads)} images hold {sum(sizes):,} pixels together, over the limit of "
             f"{limits.max_request_pixels:,} per request; send fewer or smaller images"
         )  # fmt: skip
+    return sizes
+
+
+def prepare_uploads(names: list[str], uploads: list[bytes], limits: Limits, deadline: float) -> list[ImagePrediction]:
+    """Decode and preprocess uploaded files one at a time (422 for a file that is not an image), checking the
+    time budget before each."""
     prepared = []
     for index, (name, data) in enumerate(zip(names, uploads)):
         check_time_budget(deadline, limits, index)
