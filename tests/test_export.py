@@ -4,6 +4,7 @@ bad files, CLI. The Hugging Face layout: tests/test_hub.py."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import onnx
 import pytest
 import torch
 from conftest import mnist_dir
+from fastapi.testclient import TestClient
 
 from digitlab.cli import main
 from digitlab.errors import DigitlabError
@@ -24,8 +26,9 @@ from digitlab.export import (
 )
 from digitlab.inference import DigitRecognizer, batched_logits
 from digitlab.model import as_model_input, build_model
-from digitlab.predict import Recognizer, load_recognizer
+from digitlab.predict import Recognizer, load_recognizer, predict_images
 from digitlab.serialization import load_model
+from digitlab.serve import create_app
 
 CHECK_IMAGES = 1000
 
@@ -101,6 +104,21 @@ def test_exported_models_take_any_batch_size(onnx_export, pt2_export, bundled_mo
     for logits in (onnx_logits, pt2_logits(pt2_export.path, images)):
         assert logits.shape == (batch, 10)
         assert np.abs(logits - expected).max() <= 1e-4
+
+
+def test_the_service_runs_an_onnx_model_on_one_intra_op_thread(onnx_export, test_images):
+    """The service's network reads small batches: onnxruntime's spinning thread pool would only burn
+    the cores its preprocessing needs (13.4 against 6.0 ms of server CPU per request, benchmarks/load.py)."""
+    app = create_app(onnx_export.path)
+    assert app.state.service.recognizer.session.get_session_options().intra_op_num_threads == 1
+    default = load_onnx_recognizer(onnx_export.path).session.get_session_options()
+    assert default.intra_op_num_threads == (os.cpu_count() or 1)
+    images, labels = test_images
+    with TestClient(app) as client:
+        response = client.post("/v1/predict", json={"images": [images[i].tolist() for i in range(8)]})
+    assert response.status_code == 200
+    expected = [result.digit for result in predict_images(list(images[:8]), model=onnx_export.path)]
+    assert [p["digit"] for p in response.json()["predictions"]] == expected
 
 
 def test_onnx_graph_has_a_symbolic_batch_axis(onnx_export):

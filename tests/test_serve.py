@@ -312,6 +312,17 @@ def test_a_failing_request_does_not_fail_the_others_in_its_batch(bundled_model_p
     assert [responses[i].json()["predictions"][0]["digit"] for i in (0, 1, 3)] == [y[0], y[1], y[2]]
 
 
+def test_a_request_that_fails_its_preparation_in_a_batch_gets_its_own_error(bundled_model_path, digits, monkeypatch):
+    """Small requests are prepared by the batcher: a bad one is answered 422 alone, the others are classified."""
+    x, y = digits
+    bodies = [{"images": [x[0].tolist()]}, {"images": [[[300, 0], [0, 0]]]}, {"images": [x[1].tolist()]}]
+    batch_sizes, responses = send_while_the_first_batch_runs(bundled_model_path, bodies, monkeypatch)
+    assert batch_sizes == [1, 1]  # the second batch's bad request never reached the network
+    assert [r.status_code for r in responses] == [200, 422, 200]
+    assert "outside 0-255" in responses[1].json()["detail"]
+    assert [responses[i].json()["predictions"][0]["digit"] for i in (0, 2)] == [y[0], y[1]]
+
+
 def test_serve_refuses_to_start_without_a_model(tmp_path, capsys):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a model")

@@ -205,8 +205,8 @@ class OnnxRecognizer(DigitRecognizer):
         return in_batches(as_model_input(images), run)
 
 
-def load_onnx_recognizer(path: str | os.PathLike) -> OnnxRecognizer:
-    """Open an exported `.onnx` file with onnxruntime (CPU, one intra-op thread per core)."""
+def load_onnx_recognizer(path: str | os.PathLike, threads: int | None = None) -> OnnxRecognizer:
+    """Open an exported `.onnx` file with onnxruntime on the CPU, with `threads` intra-op threads (None: one per core)."""
     path = Path(path)
     try:
         import onnxruntime as ort
@@ -218,7 +218,7 @@ def load_onnx_recognizer(path: str | os.PathLike) -> OnnxRecognizer:
     if not path.is_file():
         raise DigitlabError(f"ONNX model file not found: {path} (check the path)")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

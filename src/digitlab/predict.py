@@ -28,18 +28,20 @@ def bundled_model_path() -> Path:
 
 
 def load_recognizer(
-    path: str | os.PathLike | None = None, precision: str = "auto", device: str = "cpu"
+    path: str | os.PathLike | None = None, precision: str = "auto", device: str = "cpu", threads: int | None = None
 ) -> DigitRecognizer:
     """Load a digitlab model file, a Hugging Face directory from `digitlab export --format hf`, or an
     exported `.onnx` file (CPU only); None means the bundled model.
 
-    `device` is a name for `digitlab.devices.resolve_device` (auto, cpu, cuda, cuda:N, mps).
+    `device` is a name for `digitlab.devices.resolve_device` (auto, cpu, cuda, cuda:N, mps); `threads`
+    is the number of intra-op threads of an ONNX model's session (None: one per core; PyTorch's
+    are set for the whole process by `torch.set_num_threads`).
     """
     path = Path(path) if path is not None else bundled_model_path()
     if path.suffix == ".onnx":
         if device not in ("auto", "cpu"):
             raise DigitlabError(f"{path.name} (ONNX) runs on the CPU only; leave out --device")
-        return load_onnx_recognizer(path)
+        return load_onnx_recognizer(path, threads)
     if path == bundled_model_path() and not path.is_file():
         raise DigitlabError(f"the bundled model is missing from this installation ({path}); pass --model")
     model, card = load_model(path)

@@ -351,7 +351,7 @@ def _percentiles(values: np.ndarray, percents: tuple[float, ...]) -> np.ndarray:
     position = (flat.size - 1) * q  # numpy's index for its "linear" method
     below = np.clip(np.floor(position), 0, flat.size - 1).astype(np.intp)
     above = np.minimum(below + 1, flat.size - 1)
-    ordered = np.partition(flat, np.union1d(below, above))
+    ordered = np.partition(flat, sorted({*below.tolist(), *above.tolist()}))
     low, high = ordered[below], ordered[above]
     gamma, step = position - below, high - low
     return np.where(gamma >= 0.5, high - step * (1 - gamma), low + step * gamma)

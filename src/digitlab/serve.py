@@ -5,14 +5,16 @@ is created (so once per worker process); `serve` runs it under uvicorn. Images
 go through the same pipeline as `digitlab predict` (`digitlab.preparation.prepare_image`,
 then `classify`). Each request's images are decoded and preprocessed one after
 another in a pool of threads (one per core), within a pixel cap and a time
-budget, so a large request never stalls small ones; a request of small pictures
-is prepared on the event loop instead, where it costs less than the hop to the
-pool. The network then reads the images of all requests waiting for it in one batch.
+budget, so a large request never stalls small ones. A request of small pictures
+is prepared by the batcher instead, which then classifies the images of all
+requests waiting for the network in one batch: a hop to the pool costs more
+than their preparation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
 import json
@@ -58,8 +60,8 @@ MAX_IMAGES = 64
 MAX_REQUEST_PIXELS = 4 * MAX_PIXELS
 """Pixels all images of one request may declare together; they are decoded one at a time."""
 INLINE_PIXELS = 128 * 128
-"""A request whose images declare at most this many pixels together (a few ms of work) is prepared on the event
-loop: handing it to the pool and back costs more (`benchmarks/load.py`)."""
+"""A request whose images declare at most this many pixels together (a few ms of work) is prepared by the
+batcher, just before the network reads it: handing it to the pool and back costs more (`benchmarks/load.py`)."""
 TOP_K = 3
 STATIC_DIR = Path(str(resources.files("digitlab") / "static"))
 SETTINGS_ENVIRONMENT_VARIABLE = "DIGITLAB_SERVE_SETTINGS"
@@ -201,44 +203,66 @@ def client_name(scope: Scope) -> str:
     return f"{client[0]}:{client[1]}" if client else "a client"
 
 
+Preparation = Callable[[], list[ImagePrediction]]
+"""Decodes and preprocesses one request's images (raising `HTTPException` for bad ones)."""
+
+
 class Batcher:
-    """Classifies the prepared images of all requests waiting for the network in one `classify` call.
+    """Prepares and classifies the images of all requests waiting for the network, in one worker-thread call.
 
     While one batch runs (in a worker thread, so the server keeps accepting
-    requests), new requests queue up; when it finishes, all of them form the next batch.
+    requests), new requests queue up; when it finishes, all of them form the
+    next batch: their preparations run one after another, then one `classify`.
     """
 
     def __init__(self, recognizer: DigitRecognizer) -> None:
         self.recognizer = recognizer
-        self.queue: asyncio.Queue[tuple[list[ImagePrediction], asyncio.Future[None]]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[Preparation, asyncio.Future[list[ImagePrediction]]]] = asyncio.Queue()
 
-    async def predict(self, prepared: list[ImagePrediction]) -> None:
-        """Fill in the digits of one request's prepared images (in place) once the network is free."""
+    async def predict(self, prepare: Preparation) -> list[ImagePrediction]:
+        """One request's images, prepared by `prepare` and classified once the network is free."""
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((prepared, future))
-        await future
+        await self.queue.put((prepare, future))
+        return await future
 
     async def run(self) -> None:
         while True:
             jobs = [await self.queue.get()]
             while not self.queue.empty():
                 jobs.append(self.queue.get_nowait())
-            await self.predict_together(jobs)
+            try:
+                outcomes = await run_in_threadpool(self.prepare_and_classify, [prepare for prepare, _ in jobs])
+            except Exception as error:
+                outcomes = [error] * len(jobs)
+            for (_, future), outcome in zip(jobs, outcomes):
+                if future.done():  # a request whose client went away is cancelled
+                    continue
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
 
-    async def predict_together(self, jobs: list[tuple[list[ImagePrediction], asyncio.Future[None]]]) -> None:
-        prepared = [result for job_results, _ in jobs for result in job_results]
+    def prepare_and_classify(self, preparations: list[Preparation]) -> list[list[ImagePrediction] | Exception]:
+        """Each request's prepared and classified images, or the exception that failed it."""
+        outcomes: list[list[ImagePrediction] | Exception] = []
+        for prepare in preparations:
+            try:
+                outcomes.append(prepare())
+            except Exception as error:
+                outcomes.append(error)
+        prepared = [outcome for outcome in outcomes if not isinstance(outcome, Exception)]
         try:
-            await run_in_threadpool(classify, self.recognizer, prepared, TOP_K)
+            classify(self.recognizer, [result for images in prepared for result in images], TOP_K)
         except Exception as error:
-            if len(jobs) > 1:  # one request's picture must not fail the others: retry each alone
-                for job in jobs:
-                    await self.predict_together([job])
-            elif not jobs[0][1].done():
-                jobs[0][1].set_exception(error)
-            return
-        for _, future in jobs:
-            if not future.done():  # a request whose client went away is cancelled
-                future.set_result(None)
+            if len(prepared) == 1:
+                return [error if outcome is prepared[0] else outcome for outcome in outcomes]
+            for index, outcome in enumerate(outcomes):  # one request's picture must not fail the others
+                if not isinstance(outcome, Exception):
+                    try:
+                        classify(self.recognizer, outcome, TOP_K)
+                    except Exception as error:
+                        outcomes[index] = error
+        return outcomes
 
 
 @dataclass
@@ -272,7 +296,7 @@ def create_app(
     """
     model_name = Path(model_path).name if model_path is not None else bundled_model_path().name
     service = Service(
-        recognizer=load_recognizer(model_path, device=device),
+        recognizer=load_recognizer(model_path, device=device, threads=1),  # see `running`
         model_name=model_name,
         limits=limits or Limits(max_body_bytes=max_body_bytes, max_images=max_images),
     )
@@ -376,23 +400,23 @@ async def predict_endpoint(
     if content_type.startswith("multipart/form-data"):
         names, uploads = await uploaded_files(request, limits.max_images)
         small = sum(declared_sizes(names, uploads, limits)) <= INLINE_PIXELS
-        prepared = await in_pool(service, small, prepare_uploads, names, uploads, limits, deadline)
+        prepare = functools.partial(prepare_uploads, names, uploads, limits, deadline)
     elif content_type.startswith("application/json"):
         body = await request.body()
         small = len(body) <= 2 * INLINE_PIXELS  # a pixel takes two bytes of JSON at least
-        asked, prepared = await in_pool(service, small, prepare_pixel_arrays, body, limits, deadline)
-        return_image = return_image or asked
+        parsed = pixel_images(body) if small else await in_pool(service, pixel_images, body)
+        return_image = return_image or parsed.return_image
+        prepare = functools.partial(prepare_pixel_arrays, parsed.images, limits, deadline)
     else:
         raise HTTPException(415, 'send images as multipart/form-data (field "files") or as JSON {"images": [...]}')
-    await batcher.predict(prepared)
+    if not small:  # prepared in the pool, so that the small requests in the batcher never wait for it
+        prepare = functools.partial(list, await in_pool(service, prepare))
+    prepared = await batcher.predict(prepare)
     return PredictResponse(predictions=[image_result(result, return_image) for result in prepared])
 
 
-async def in_pool(service: Service, small: bool, function: Callable[..., T], *args: Any) -> T:
-    """Run `function(*args)` in the service's preprocessing pool, off the event loop and the batcher; `small`
-    work (`INLINE_PIXELS`) runs here at once."""
-    if small:
-        return function(*args)
+async def in_pool(service: Service, function: Callable[..., T], *args: Any) -> T:
+    """Run `function(*args)` in the service's preprocessing pool, off the event loop and the batcher."""
     return await asyncio.get_running_loop().run_in_executor(service.pool, function, *args)
 
 
@@ -463,15 +487,14 @@ def decode(name: str, data: bytes) -> Image.Image:
         raise HTTPException(422, f"{name}: {error}") from None
 
 
-def prepare_pixel_arrays(body: bytes, limits: Limits, deadline: float) -> tuple[bool, list[ImagePrediction]]:
-    """Parse a JSON body and preprocess its pixel arrays: (whether images were asked for, the results)."""
-    request = pixel_images(body)
-    names, arrays = pixel_arrays(request.images, limits.max_images)
+def prepare_pixel_arrays(images: list[list[list[float]]], limits: Limits, deadline: float) -> list[ImagePrediction]:
+    """Preprocess the pixel arrays of a JSON body (413/422 when too many, ragged or out of range)."""
+    names, arrays = pixel_arrays(images, limits.max_images)
     prepared = []
     for index, (name, array) in enumerate(zip(names, arrays)):
         check_time_budget(deadline, limits, index)
         prepared.append(named(prepare_image(array), name))
-    return request.return_image, prepared
+    return prepared
 
 
 def check_time_budget(deadline: float, limits: Limits, done: int) -> None:
