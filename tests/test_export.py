@@ -113,7 +113,7 @@ def test_the_service_runs_an_onnx_model_on_one_intra_op_thread(onnx_export, test
     assert app.state.service.recognizer.session.get_session_options().intra_op_num_threads == 1
     default = load_onnx_recognizer(onnx_export.path).session.get_session_options()
     assert default.intra_op_num_threads == (os.cpu_count() or 1)
-    images, labels = test_images
+    images, _ = test_images
     with TestClient(app) as client:
         response = client.post("/v1/predict", json={"images": [images[i].tolist() for i in range(8)]})
     assert response.status_code == 200
