@@ -15,7 +15,7 @@ def test_trajectory_keys_are_the_settings_that_change_the_weights():
     assert set(TRAJECTORY_KEYS) == {
         "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "label_smoothing",
         "schedule", "augment", "elastic", "low_res", "stroke", "blur", "clean_epochs", "teacher", "distill", "seed",
-        "precision",
+        "precision", "ema",
     }  # fmt: skip
 
 
@@ -54,6 +54,7 @@ def test_an_option_left_out_keeps_the_recipes_value():
         ({"nesterov": True}, "Nesterov momentum needs --momentum > 0"),
         ({"low_res": 1.5}, "--low-res must be a fraction in [0, 1], got 1.5"),
         ({"stroke": -0.1}, "--stroke must be a fraction in [0, 1], got -0.1"),
+        ({"ema": 1.0}, "--ema must be in [0, 1), got 1.0"),
     ],
 )
 def test_each_setting_is_checked_from_its_declaration(changes, message):

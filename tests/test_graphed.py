@@ -103,6 +103,17 @@ def test_the_captured_step_distils_as_the_eager_loop_does(mnist, bundled_model_p
 
 
 @needs_cuda
+def test_the_captured_step_averages_the_weights_as_the_eager_loop_does(mnist):
+    """The moving average's update is captured in the graph too: it agrees with the eager loop's, and it is
+    not the model's last weights."""
+    settings = dict(precision="fp32", batch_size=48, ema=0.9)
+    graphed, _ = trained_on_cuda(mnist, 640, cuda_graph=True, **settings)
+    assert relative_difference(graphed, trained_on_cuda(mnist, 640, cuda_graph=False, **settings)[0]) < 2e-3
+    assert relative_difference(graphed, trained_on_cuda(mnist, 640, cuda_graph=True, precision="fp32",
+                                                         batch_size=48)[0]) > 1e-2  # fmt: skip
+
+
+@needs_cuda
 def test_a_resumed_graphed_run_ends_where_an_uninterrupted_one_does(mnist, tmp_path):
     """Resumed in the second epoch (a new graph, new eager steps), a run ends where one run straight through does."""
     (x, y), _ = mnist

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from digitlab.cli import main
 from digitlab.devices import Ranks
 from digitlab.errors import DigitlabError
+from digitlab.evaluate import evaluate
 from digitlab.live import read_records
 from digitlab.model import build_model
 from digitlab.runs import run_training
@@ -543,3 +545,51 @@ def test_a_missing_teacher_is_refused_before_the_run_directory_is_made(tmp_path,
     assert code != 0
     assert "absent.safetensors" in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+def averaged_by_hand(start: torch.nn.Module, step_files: list[Path], decay: float) -> dict[str, torch.Tensor]:
+    """a_0 = the starting weights, a_t = a_(t-1) + (1 - decay)(w_t - a_(t-1)) over each step's checkpoint."""
+    average = {name: value.clone() for name, value in start.state_dict().items() if value.is_floating_point()}
+    for path in step_files:
+        weights = load_file(path)
+        for name, value in average.items():
+            value += (1 - decay) * (weights[f"model.{name}"] - value)
+    return average
+
+
+def test_the_weight_average_moves_towards_each_steps_weights_by_one_minus_the_decay(mnist, tmp_path):
+    """With `ema`, the trained model is the moving average of the weights (and BatchNorm statistics) after each
+    step, computed here from the per-step checkpoints of the same run without it; validation scores the average."""
+    (x, y), _ = mnist
+    settings = dict(seed=3, batch_size=16, lr=0.05, momentum=0.9, device="cpu")
+    plain = build_model(seed=0)
+    start = build_model(seed=0)
+    checkpoints = Checkpoints(tmp_path, keep=100)
+    train(plain, x[:128], y[:128], TrainConfig(**settings, checkpoint_every=1), checkpoints=checkpoints, progress=False)
+    assert len(checkpoints.all()) == 8
+    expected = averaged_by_hand(start, checkpoints.all(), decay=0.75)
+
+    averaged = build_model(seed=0)
+    validation = (x[128:384], y[128:384])
+    history = train(averaged, x[:128], y[:128], TrainConfig(**settings, ema=0.75), validation=validation, progress=False)
+    for name, value in expected.items():
+        torch.testing.assert_close(averaged.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.allclose(averaged.state_dict()["dense.weight"], plain.state_dict()["dense.weight"], atol=1e-4)
+    assert history.epochs[-1]["val_accuracy"] == evaluate(averaged, *validation).accuracy
+
+
+def test_a_resumed_run_keeps_its_weight_average(mnist, tmp_path):
+    """The average is in each checkpoint: a run resumed after its fourth step ends with the same average, and a
+    run with another decay (or none) is refused."""
+    (x, y), _ = mnist
+    config = TrainConfig(seed=3, batch_size=16, lr=0.05, device="cpu", ema=0.75, checkpoint_every=1)
+    straight = build_model(seed=0)
+    train(straight, x[:128], y[:128], config, checkpoints=Checkpoints(tmp_path, keep=100), progress=False)
+    for later in Checkpoints(tmp_path).all()[4:]:
+        later.unlink()
+    resumed = build_model(seed=1)
+    train(resumed, x[:128], y[:128], config, checkpoints=Checkpoints(tmp_path, keep=100), resume=True, progress=False)
+    assert same_weights(resumed, straight)
+    with pytest.raises(DigitlabError, match="ema=0.75, but this run has ema=0.0"):
+        train(build_model(), x[:128], y[:128], replace(config, ema=0.0), checkpoints=Checkpoints(tmp_path),
+              resume=True, progress=False)  # fmt: skip

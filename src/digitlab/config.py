@@ -88,6 +88,10 @@ class TrainConfig:
                                      check=(lambda v: 0 <= v < 1, "in [0, 1)"))  # fmt: skip
     schedule: str = setting("constant", "learning-rate schedule", "optimisation", trajectory=True,
                             choices=SCHEDULES)  # fmt: skip
+    ema: float = setting(0.0, "also keep an exponential moving average of the weights and BatchNorm statistics, "
+                         "moved towards the model by 1 - DECAY each step (e.g. 0.999): validation, the best model "
+                         "and the trained model are the average (0: off)", "optimisation", trajectory=True,
+                         check=(lambda v: 0 <= v < 1, "in [0, 1)"), metavar="DECAY")  # fmt: skip
     augment: bool = setting(False, "random small shifts, rotations and scaling of each batch", "augmentation",
                             trajectory=True)  # fmt: skip
     elastic: float = setting(0.0, "with --augment: also elastic distortion of about PIXELS (Simard's 34)",

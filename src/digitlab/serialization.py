@@ -243,9 +243,13 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
+    average: torch.nn.Module | None = None,
 ) -> None:
-    """Save everything needed to continue training exactly: weights, optimizer buffers, state."""
+    """Save everything needed to continue training exactly: weights, optimizer buffers, state, and the
+    moving average of the weights where the run keeps one."""
     tensors = {f"model.{k}": v for k, v in unwrap(model).state_dict().items()}
+    if average is not None:
+        tensors.update({f"average.{k}": v for k, v in average.state_dict().items()})
     for index, param_state in optimizer.state_dict()["state"].items():
         for key, value in param_state.items():
             if isinstance(value, torch.Tensor):
@@ -254,13 +258,19 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    average: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Restore model and optimizer from a checkpoint in place; return the training state."""
+    """Restore model, optimizer and (where the checkpoint has one) the weight average in place;
+    return the training state."""
     path = Path(path)
     tensors, metadata = _load_tensors(path, CHECKPOINT_FORMAT, "checkpoint")
-    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    _load_weights(unwrap(model), weights, path)
+    _load_weights(unwrap(model), _with_prefix(tensors, "model."), path)
+    averaged = _with_prefix(tensors, "average.")
+    if average is not None and averaged:  # a run without one is refused by its `ema` setting
+        _load_weights(average, averaged, path)
     optimizer_state = optimizer.state_dict()
     restored: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
@@ -274,6 +284,11 @@ def load_checkpoint(
         raise DigitlabError(f"{path} has optimizer state that does not fit this run ({error})") from None
     _lay_out_like_parameters(optimizer)
     return json.loads(metadata["state"])
+
+
+def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with `prefix`, named without it."""
+    return {name[len(prefix) :]: value for name, value in tensors.items() if name.startswith(prefix)}
 
 
 def _lay_out_like_parameters(optimizer: torch.optim.Optimizer) -> None:

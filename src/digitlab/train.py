@@ -9,6 +9,7 @@ ends with exactly the weights of an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import sys
@@ -253,6 +254,26 @@ def _smooth_displacement(
     return blurred.view(n, 2, size, size).permute(0, 2, 3, 1)
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights and BatchNorm statistics, as a model of its own.
+
+    `update` moves each average towards the model's value by `1 - decay` after a step; on CUDA a
+    captured step holds the update too (it is one in-place kernel over all the tensors).
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.model = copy.deepcopy(unwrap(model)).requires_grad_(False).eval()
+        self.decay = decay
+        floating = [name for name, value in self.model.state_dict().items() if value.is_floating_point()]
+        averages, values = self.model.state_dict(), unwrap(model).state_dict()
+        self._averages = [averages[name] for name in floating]
+        self._values = [values[name] for name in floating]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self._averages, self._values, 1.0 - self.decay)
+
+
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
     """SGD; weight decay applies to conv and dense kernels only, not to biases or BatchNorm.
 
@@ -299,9 +320,11 @@ class Checkpoints:
             )
         return latest
 
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+    def save(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, average: nn.Module | None, state: dict[str, Any]
+    ) -> Path:
         path = self.directory / f"step-{state['global_step']:09d}.safetensors"
-        save_checkpoint(path, model, optimizer, state)
+        save_checkpoint(path, model, optimizer, state, average)
         for old in self.all()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
@@ -375,6 +398,7 @@ class _Run:
     labels: torch.Tensor
     steps_per_epoch: int
     teachers: list[nn.Module]  # models to distil from (`config.teacher`)
+    average: WeightAverage | None = None  # the moving average of the weights (`config.ema`)
     graphed: GraphedStep | None = None  # the captured step, on CUDA
     checkpoints: Checkpoints | None = None
     validation: tuple[np.ndarray, np.ndarray] | None = None
@@ -382,6 +406,16 @@ class _Run:
     loggers: Sequence[Logger] = ()
     history: History = field(default_factory=History)
     best: dict[str, Any] = field(default_factory=lambda: {"epoch": -1, "val_accuracy": -1.0})
+
+    @property
+    def averaged(self) -> nn.Module | None:
+        """The moving average of the weights as a model, where the run keeps one."""
+        return self.average.model if self.average is not None else None
+
+    @property
+    def result(self) -> nn.Module:
+        """The model that is validated, kept as the best and given back: the average where there is one."""
+        return self.averaged if self.averaged is not None else self.model
 
     @property
     def total_steps(self) -> int:
@@ -425,6 +459,8 @@ def train(
     (default: `resolve_setup(config)`).
     `loggers` get the running metrics every logging step and each epoch's
     (`config.log` is for `digitlab.runs.run_training`, which makes them).
+    With `config.ema`, the moving average of the weights is what is validated,
+    kept as the best and left in `model` at the end.
     """
     config = _with_keywords(config, epochs=epochs, batch_size=batch_size)
     if validation_split:
@@ -450,6 +486,8 @@ def train(
         devices.barrier()
         best_model, _ = load_model(checkpoints.best_path)
         unwrap(model).load_state_dict(best_model.state_dict())
+    elif run.averaged is not None:
+        unwrap(model).load_state_dict(run.averaged.state_dict())
     model.eval()
     return run.history
 
@@ -494,6 +532,8 @@ def _prepare(
     optimizer = _make_optimizer(model, config)
     teachers = [_load_teacher(path, device, memory_format) for path in config.teacher]
     run = _Run(config, setup, model, net, optimizer, images, labels, steps_per_epoch, teachers)
+    if config.ema:
+        run.average = WeightAverage(model, config.ema)
     if can_graph(device, enabled=config.cuda_graph, world_size=setup.ranks.world_size, compiled=config.compile):
         run.graphed = GraphedStep(functools.partial(_learn, run), optimizer, batch_size=config.batch_size,
                                   device=device, memory_format=memory_format)  # fmt: skip
@@ -511,7 +551,7 @@ def _resume(run: _Run) -> Position:
     if run.checkpoints is None:
         raise DigitlabError("resuming needs the run's checkpoint directory")
     latest = run.checkpoints.require_latest()
-    state = load_checkpoint(latest, run.model, run.optimizer)
+    state = load_checkpoint(latest, run.model, run.optimizer, run.averaged)
     _check_resumable(state, run.config, run.setup.ranks, latest)
     run.history = History.from_dict(state["history"])
     run.best = state["best"]
@@ -527,7 +567,7 @@ def _save_state(run: _Run, position: Position) -> None:
     if run.checkpoints is None or not run.setup.ranks.is_main:
         return
     global_step = position.epoch * run.steps_per_epoch + position.step
-    run.checkpoints.save(run.model, run.optimizer, {
+    run.checkpoints.save(run.model, run.optimizer, run.averaged, {
         **asdict(position), "global_step": global_step, "history": run.history.to_dict(), "best": run.best,
         "config": asdict(run.config), "world_size": run.setup.ranks.world_size,
     })  # fmt: skip
@@ -594,6 +634,8 @@ def _learn(run: _Run, x: torch.Tensor, y: torch.Tensor, sums: torch.Tensor, *, a
     loss = _loss(logits.float(), y, run.config, [t.float() for t in teacher_logits])
     loss.backward()
     run.optimizer.step()
+    if run.average is not None:
+        run.average.update()
     with torch.no_grad():
         sums[0] += loss.detach() * len(y)
         sums[1] += (logits.argmax(1) == y).sum()
@@ -625,6 +667,8 @@ def _end_epoch(run: _Run, epoch: int, sums: torch.Tensor, seconds: float) -> dic
     config, setup = run.config, run.setup
     sums = devices.all_reduce_sum(sums)
     devices.broadcast_buffers(unwrap(run.model))
+    if run.averaged is not None:
+        devices.broadcast_buffers(run.averaged)
     loss_sum, correct, seen = sums.tolist()
     record = {
         "epoch": epoch + 1, "loss": loss_sum / seen, "accuracy": correct / seen, "samples": int(seen),
@@ -632,13 +676,13 @@ def _end_epoch(run: _Run, epoch: int, sums: torch.Tensor, seconds: float) -> dic
     }  # fmt: skip
     if run.validation is not None:
         evaluation = evaluate_sharded(
-            unwrap(run.model), *run.validation, ranks=setup.ranks, precision=setup.precision, device=setup.device
+            unwrap(run.result), *run.validation, ranks=setup.ranks, precision=setup.precision, device=setup.device
         )
         record.update(val_loss=evaluation.loss, val_accuracy=evaluation.accuracy)
         if evaluation.accuracy > run.best["val_accuracy"]:
             run.best = {"epoch": epoch + 1, "val_accuracy": evaluation.accuracy}
             if config.restore_best and run.checkpoints is not None and setup.ranks.is_main:
-                save_model(run.model, run.checkpoints.best_path, dict(run.best))
+                save_model(run.result, run.checkpoints.best_path, dict(run.best))
     run.history.epochs.append(record)
     metrics = {f"epoch/{name}": value for name, value in record.items() if name != "epoch"}
     for logger in run.loggers:
