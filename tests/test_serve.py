@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import signal
 import socket
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -20,6 +22,7 @@ from serve_helpers import running_server
 from digitlab import serve as serve_module
 from digitlab.cli import main
 from digitlab.predict import classify, predict_images
+from digitlab.serve_workers import SPREADS_CONNECTIONS
 
 
 def png_bytes(pixels: np.ndarray, dark_on_light: bool = True, scale: int = 2) -> bytes:
@@ -336,6 +339,8 @@ def test_serve_reports_a_port_in_use_and_bad_worker_counts(bundled_model_path, c
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         assert main(["serve", "--model", str(bundled_model_path), "--port", str(port)]) == 2
+        assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+        assert main(["serve", "--model", str(bundled_model_path), "--port", str(port), "--workers", "2"]) == 2
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
     assert main(["serve", "--workers", "0"]) == 2
     assert "--workers must be at least 1" in capsys.readouterr().err
@@ -355,3 +360,73 @@ def test_cli_serves_logs_each_request_and_stops_cleanly(bundled_model_path, tmp_
     log = server.output()
     assert '"POST /v1/predict HTTP/1.1" 200' in log and '"GET /v1/model HTTP/1.1" 200' in log
     assert f"with {workers} worker(s)" in log and "Traceback" not in log
+
+
+def worker_processes(pid: int) -> list[int]:
+    """The worker processes `digitlab serve` started (not multiprocessing's resource tracker)."""
+    found = [int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()]
+    return [child for child in found if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]
+
+
+def connections_held(pid: int, port: int) -> int:
+    """Established TCP connections on local `port` among the sockets process `pid` holds (Linux /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    held = 0
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        established = fields[3] == "01"
+        if established and int(fields[1].split(":")[1], 16) == port and fields[9] in inodes:
+            held += 1
+    return held
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SPREADS_CONNECTIONS, reason="SO_REUSEPORT spreads connections on Linux only")
+def test_workers_share_a_burst_of_keep_alive_connections(bundled_model_path, tmp_path):
+    """48 clients that connect at once, as a load generator or a proxy's pool does, are spread over both
+    workers (on one shared socket, the first worker to wake often accepted them all). The kernel hashes
+    each connection to a worker: fewer than 8 of 48 on one has a chance of 6 in 10 million."""
+    with running_server(bundled_model_path, tmp_path, "--workers", "2") as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(48)]
+        try:
+            for client in clients:
+                client.sendall(f"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            for client in clients:
+                client.settimeout(60)
+                assert client.recv(4096).startswith(b"HTTP/1.1 200")
+            workers = worker_processes(server.process.pid)
+            held = [connections_held(pid, port) for pid in workers]
+        finally:
+            for client in clients:
+                client.close()
+        assert server.stop() == 0, server.output()
+    assert len(workers) == 2 and sum(held) == 48 and min(held) >= 8, held
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_is_replaced(bundled_model_path, tmp_path, digits):
+    with running_server(bundled_model_path, tmp_path, "--workers", "2") as server:
+        deadline = time.monotonic() + 60
+        while len(first := worker_processes(server.process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(first[0], signal.SIGKILL)
+        while time.monotonic() < deadline:
+            now = worker_processes(server.process.pid)
+            if len(now) == 2 and first[0] not in now:
+                break
+            time.sleep(0.2)
+        assert len(now) == 2 and first[0] not in now and first[1] in now
+        files = {"files": ("seven.png", png_bytes(digits[0][0]), "image/png")}
+        for _ in range(8):  # new connections, hashed to either worker
+            response = httpx.post(f"{server.url}/v1/predict", files=files, timeout=60)
+            assert response.status_code == 200 and response.json()["predictions"][0]["digit"] == digits[1][0]
+        assert server.stop() == 0, server.output()
+    assert "starting another" in server.output()

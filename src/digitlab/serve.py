@@ -21,11 +21,10 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -54,6 +53,7 @@ from digitlab.preprocess import MAX_PIXELS, declared_pixels, load_image
 from digitlab.results import PredictResponse, image_result
 from digitlab.serve_limits import CLIENT_TIMEOUT, MAX_CONNECTIONS, SHUTDOWN_TIMEOUT, TIME_BUDGET
 from digitlab.serve_runs import router as runs_router
+from digitlab.serve_workers import run_workers, worker_sockets
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
 MAX_IMAGES = 64
@@ -622,11 +622,11 @@ def serve(
     environment variable) or `open_access`. `trusted_hosts` (default: the
     loopback names and `host`; any for a wildcard host) are the Host header
     values accepted. The model is loaded (and so checked) before anything
-    listens; each worker process loads its own copy, on `device`. With
+    listens; each worker process loads its own copy, on `device`, and (on
+    Linux) listens on its own socket, so that connections spread over them. With
     `runs_dir`, the page also shows the training runs there and can draw against their models.
     """
     import uvicorn
-    from uvicorn.supervisors import Multiprocess
 
     if workers < 1:
         raise DigitlabError(f"--workers must be at least 1, got {workers}")
@@ -660,26 +660,17 @@ def serve(
         load_recognizer(model, device=device)  # fail here, with a clear message, rather than in every worker
         os.environ[SETTINGS_ENVIRONMENT_VARIABLE] = json.dumps(settings)
         config = uvicorn.Config(f"{__name__}:create_app_from_environment", factory=True, workers=workers, **options)
-    listener = listen(host, port)
+    sockets = worker_sockets(host, port, workers)
     access = "with an API key" if api_key else "open to anyone who can reach it" if not is_loopback(host) else ""
-    print(f"digitlab: serving http://{host}:{listener.getsockname()[1]} with {workers} worker(s)"
+    print(f"digitlab: serving http://{host}:{sockets[0].getsockname()[1]} with {workers} worker(s)"
           f"{', ' + access if access else ''}", flush=True)  # fmt: skip
-    with listener, signals_end_quietly():
+    with ExitStack() as open_sockets, signals_end_quietly():
+        for listener in set(sockets):
+            open_sockets.enter_context(listener)
         if workers == 1:
-            uvicorn.Server(config).run(sockets=[listener])
+            uvicorn.Server(config).run(sockets=sockets)
         else:
-            Multiprocess(config, sockets=[listener]).run()
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port, or a DigitlabError saying why there cannot be one."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        return socket.create_server((host, port), family=family, backlog=2048)
-    except OSError as error:
-        raise DigitlabError(
-            f"cannot listen on {host}:{port} ({error.strerror}); choose another --port or --host"
-        ) from None
+            run_workers(config, sockets)
 
 
 @contextmanager

@@ -1,0 +1,102 @@
+"""`digitlab serve --workers N`: N uvicorn server processes, each listening on a socket of its own.
+
+On one listening socket shared by all workers, whichever idle worker wakes
+first accepts every connection waiting (asyncio accepts up to the backlog per
+wake-up), so a burst of keep-alive clients lands on one worker while the others
+idle: with 16 clients, one of two workers did 84% of the work. Here each
+worker gets its own socket on the same port with SO_REUSEPORT (Linux), and the
+kernel spreads new connections over them. Elsewhere the workers share one socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+
+from digitlab.errors import DigitlabError
+
+log = logging.getLogger("uvicorn.error")
+
+SPREADS_CONNECTIONS = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
+
+
+def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on host:port, or a DigitlabError saying why there cannot be one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048, reuse_port=reuse_port)
+    except OSError as error:
+        raise DigitlabError(
+            f"cannot listen on {host}:{port} ({error.strerror}); choose another --port or --host"
+        ) from None
+
+
+def worker_sockets(host: str, port: int, workers: int) -> list[socket.socket]:
+    """One listening socket per worker on one port (the same socket `workers` times where the kernel
+    cannot spread connections). A port in use is refused first by a plain bind, so that a second
+    server never joins another one's port silently."""
+    probe = listen(host, port)
+    if workers == 1 or not SPREADS_CONNECTIONS:
+        return [probe] * workers
+    port = probe.getsockname()[1]
+    probe.close()
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(workers):
+            sockets.append(listen(host, port, reuse_port=True))
+    except DigitlabError:
+        for opened in sockets:
+            opened.close()
+        raise
+    return sockets
+
+
+def _serve(config: uvicorn.Config, listener: socket.socket) -> None:
+    """A worker process: uvicorn's logging set up anew (a spawned process starts without it), then serve."""
+    config.configure_logging()
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+def run_workers(config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+    """Run one server process per socket until SIGINT or SIGTERM; start a new one for a worker that
+    dies; stop all if one cannot start (its app fails to load)."""
+    context = multiprocessing.get_context("spawn")
+    stop = threading.Event()
+
+    def start(listener: socket.socket) -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=_serve, args=(config, listener))
+        process.start()
+        return process
+
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    processes = [start(listener) for listener in sockets]
+    failed = False
+    try:
+        while not stop.wait(0.5):
+            for index, process in enumerate(processes):
+                if process.exitcode is None:
+                    continue
+                if process.exitcode == STARTUP_FAILURE:
+                    failed = True
+                    stop.set()
+                    break
+                log.warning("worker process %s ended with status %s; starting another", process.pid, process.exitcode)
+                processes[index] = start(sockets[index])
+    finally:
+        for process in processes:
+            if process.exitcode is None and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        for process in processes:
+            process.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failed:
+        raise DigitlabError("a worker process could not start the service; its log above says why")
