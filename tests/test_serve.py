@@ -413,10 +413,12 @@ def test_workers_share_a_burst_of_keep_alive_connections(bundled_model_path, tmp
 
 @pytest.mark.slow
 def test_a_worker_that_dies_is_replaced(bundled_model_path, tmp_path, digits):
+    """Once serving: a worker that fails before it serves stops the service instead (it would fail again)."""
     with running_server(bundled_model_path, tmp_path, "--workers", "2") as server:
         deadline = time.monotonic() + 60
-        while len(first := worker_processes(server.process.pid)) < 2 and time.monotonic() < deadline:
+        while server.output().count("Application startup complete") < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
+        first = worker_processes(server.process.pid)
         os.kill(first[0], signal.SIGKILL)
         while time.monotonic() < deadline:
             now = worker_processes(server.process.pid)

@@ -17,6 +17,8 @@ import signal
 import socket
 import sys
 import threading
+import time
+from multiprocessing.synchronize import Event as EventType
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
@@ -26,6 +28,8 @@ from digitlab.errors import DigitlabError
 log = logging.getLogger("uvicorn.error")
 
 SPREADS_CONNECTIONS = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
+STOP_MARGIN = 3.0
+"""Seconds a worker gets past its graceful shutdown to end after SIGTERM before it is killed."""
 
 
 def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -59,43 +63,63 @@ def worker_sockets(host: str, port: int, workers: int) -> list[socket.socket]:
     return sockets
 
 
-def _serve(config: uvicorn.Config, listener: socket.socket) -> None:
+class _ReportingServer(uvicorn.Server):
+    """A uvicorn server that sets `ready` once it has started (its app loaded and listening)."""
+
+    def __init__(self, config: uvicorn.Config, ready: EventType) -> None:
+        super().__init__(config)
+        self.ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.ready.set()
+
+
+def _serve(config: uvicorn.Config, listener: socket.socket, ready: EventType) -> None:
     """A worker process: uvicorn's logging set up anew (a spawned process starts without it), then serve."""
     config.configure_logging()
-    uvicorn.Server(config).run(sockets=[listener])
+    _ReportingServer(config, ready).run(sockets=[listener])
 
 
 def run_workers(config: uvicorn.Config, sockets: list[socket.socket]) -> None:
     """Run one server process per socket until SIGINT or SIGTERM; start a new one for a worker that
-    dies; stop all if one cannot start (its app fails to load)."""
+    dies after it started serving; stop all if one ends before (its app failed to load, say): starting
+    it again would fail again."""
     context = multiprocessing.get_context("spawn")
     stop = threading.Event()
+    ready = [context.Event() for _ in sockets]
 
-    def start(listener: socket.socket) -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=_serve, args=(config, listener))
+    def start(index: int) -> multiprocessing.process.BaseProcess:
+        ready[index].clear()
+        process = context.Process(target=_serve, args=(config, sockets[index], ready[index]))
         process.start()
         return process
 
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    processes = [start(listener) for listener in sockets]
+    processes = [start(index) for index in range(len(sockets))]
     failed = False
     try:
         while not stop.wait(0.5):
             for index, process in enumerate(processes):
                 if process.exitcode is None:
                     continue
-                if process.exitcode == STARTUP_FAILURE:
+                if process.exitcode == STARTUP_FAILURE or not ready[index].is_set():
                     failed = True
                     stop.set()
                     break
                 log.warning("worker process %s ended with status %s; starting another", process.pid, process.exitcode)
-                processes[index] = start(sockets[index])
+                processes[index] = start(index)
     finally:
         for process in processes:
             if process.exitcode is None and process.pid is not None:
                 os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + (config.timeout_graceful_shutdown or 0) + STOP_MARGIN
         for process in processes:
-            process.join()
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode is None:  # stuck past its graceful shutdown
+                process.kill()
+                process.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if failed:
