@@ -5,7 +5,7 @@ clients for `--minutes` (at most 10), a mix of requests: valid 64×64 PNG
 uploads and JSON pixel arrays, files that are not images, truncated PNGs,
 declared decompression bombs, bodies over the size limit, requests over the
 per-request pixel cap, malformed JSON, and uploads the client abandons halfway.
-It samples the server's resident memory (VmRSS) every second and checks, at the
+It samples the server's resident memory (VmRSS, its workers' included) every second and checks, at the
 end: resident memory grew by at most 10% after the warm-up (the first
 `--warmup` fraction of the run), no response was a 5xx or a dropped connection,
 every answer had the expected status, the log holds no traceback, and SIGTERM
@@ -13,6 +13,7 @@ stopped the server cleanly. Exit status 0 when all hold, 1 otherwise.
 
     python benchmarks/soak.py                  # 5 minutes, 8 clients
     python benchmarks/soak.py --minutes 1
+    python benchmarks/soak.py --minutes 4 --workers 2
 """
 
 from __future__ import annotations
@@ -96,10 +97,17 @@ async def abandon_upload(port: int) -> None:
 
 
 def resident_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """Resident memory (VmRSS) of a process and of its children alive now (the workers), in bytes."""
+    total = 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            total += sum(resident_bytes(int(child)) for child in (task / "children").read_text().split())
+    except (OSError, ValueError):  # a process that ended meanwhile
+        pass
+    return total
 
 
 async def soak(port: int, pid: int, seconds: float, concurrency: int, kinds: dict) -> tuple[Counter, Counter, list]:
@@ -138,6 +146,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=5.0, help=f"how long to run (at most {MAX_MINUTES:g})")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1, help="digitlab serve worker processes")
     parser.add_argument("--warmup", type=float, default=0.2, help="fraction of the run before RSS is compared")
     parser.add_argument("--data-dir", help="MNIST directory (default: digitlab's data directory)")
     args = parser.parse_args()
@@ -153,8 +162,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         log = Path(scratch) / "serve.log"
         with open(log, "wb") as log_file:
-            server = subprocess.Popen([sys.executable, "-m", "digitlab", "serve", "--port", str(port)],
-                                      stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
+            server = subprocess.Popen([sys.executable, "-m", "digitlab", "serve", "--port", str(port),
+                                       "--workers", str(args.workers)], stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
         try:
             deadline = time.monotonic() + 120
             while True:
