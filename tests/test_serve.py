@@ -420,6 +420,7 @@ def test_a_worker_that_dies_is_replaced(bundled_model_path, tmp_path, digits):
             time.sleep(0.2)
         first = worker_processes(server.process.pid)
         os.kill(first[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60  # a new worker starts as slowly as the first ones
         while time.monotonic() < deadline:
             now = worker_processes(server.process.pid)
             if len(now) == 2 and first[0] not in now:
