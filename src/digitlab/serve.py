@@ -677,8 +677,9 @@ def serve(
 def signals_end_quietly() -> Iterator[None]:
     """Let SIGINT and SIGTERM end `serve` normally (exit status 0) after uvicorn's clean shutdown.
 
-    uvicorn handles both signals while it runs and raises them again when it
-    has stopped; these handlers receive them then.
+    uvicorn (or, with several workers, `run_workers`) handles both signals while
+    it runs; uvicorn raises them again when it has stopped, and these handlers
+    receive them then.
     """
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

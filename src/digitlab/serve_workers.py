@@ -21,7 +21,6 @@ import time
 from multiprocessing.synchronize import Event as EventType
 
 import uvicorn
-from uvicorn.config import STARTUP_FAILURE
 
 from digitlab.errors import DigitlabError
 
@@ -104,7 +103,7 @@ def run_workers(config: uvicorn.Config, sockets: list[socket.socket]) -> None:
             for index, process in enumerate(processes):
                 if process.exitcode is None:
                     continue
-                if process.exitcode == STARTUP_FAILURE or not ready[index].is_set():
+                if not ready[index].is_set():  # uvicorn's own startup failures end here too
                     failed = True
                     stop.set()
                     break
