@@ -174,8 +174,8 @@ async def send_all(
     """Send all requests from `concurrency` keep-alive clients: latencies (s), answers (None: an error), wall time.
 
     The clients write pre-encoded requests and parse the answers with h11 on plain asyncio streams: about
-    0.1 ms of CPU per request, where httpx's client took about 3 ms and, sharing the cores with the servers,
-    held the ceiling near 300 requests/s instead of its 1,200-1,800 here.
+    0.4-0.7 ms of CPU per request (printed), where httpx's client took about 3 ms and, sharing the cores
+    with the servers, held the ceiling near 300 requests/s instead of its 1,200-1,300 here.
     """
     address = httpx.URL(url)
     target = address.raw_path
