@@ -15,7 +15,7 @@ def test_trajectory_keys_are_the_settings_that_change_the_weights():
     assert set(TRAJECTORY_KEYS) == {
         "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "label_smoothing",
         "schedule", "augment", "elastic", "low_res", "stroke", "blur", "clean_epochs", "teacher", "distill", "seed",
-        "precision", "ema",
+        "precision", "ema", "input_size",
     }  # fmt: skip
 
 
@@ -55,6 +55,8 @@ def test_an_option_left_out_keeps_the_recipes_value():
         ({"low_res": 1.5}, "--low-res must be a fraction in [0, 1], got 1.5"),
         ({"stroke": -0.1}, "--stroke must be a fraction in [0, 1], got -0.1"),
         ({"ema": 1.0}, "--ema must be in [0, 1), got 1.0"),
+        ({"input_size": 8}, "--input-size must be a whole number of pixels from 9 to 28, got 8"),
+        ({"input_size": 18.5}, "--input-size must be a whole number of pixels from 9 to 28, got 18.5"),
     ],
 )
 def test_each_setting_is_checked_from_its_declaration(changes, message):
@@ -70,3 +72,9 @@ def test_the_robust_recipe_is_the_best_recipe_with_degradations():
     assert differ == {"recipe", "low_res", "stroke", "blur"}
     assert (robust.low_res, robust.stroke, robust.blur) == (0.5, 0.5, 0.25)
     assert TrainConfig.from_recipe("best").low_res == 0.0  # the best and lab recipes are unchanged
+
+
+def test_the_lab_feeds_the_network_28_pixels_and_the_accuracy_recipes_18():
+    assert TrainConfig().input_size == TrainConfig.from_recipe("lab").input_size == 28
+    assert TrainConfig.from_recipe("best").input_size == TrainConfig.from_recipe("robust").input_size == 18
+    assert build_parser().parse_args(["train", "--input-size", "22"]).input_size == 22

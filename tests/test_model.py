@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from digitlab.errors import DigitlabError
 from digitlab.model import (
     GlobalAveragePooling,
+    Resizing,
     as_model_input,
     build_model,
     fold_batchnorm,
@@ -42,6 +44,33 @@ def test_summary_rows_match_keras_shapes_and_counts():
     ]
     text = summary(build_model())
     assert "Total params: 99,402" in text and "Non-trainable params: 480" in text
+
+
+def test_a_smaller_input_size_adds_only_a_resizing_layer_without_parameters():
+    lab, shrinking = build_model(seed=3), build_model(seed=3, input_size=18)
+    rows = summary_rows(shrinking)
+    assert rows[0] == ("resizing", "Resizing", "(None, 18, 18, 1)", 0)
+    assert [row[2] for row in rows[1:4]] == ["(None, 16, 16, 16)"] * 3
+    assert rows[10][2] == "(None, 10, 10, 128)" and rows[-1][2:] == ("(None, 10)", 1290)
+    assert parameter_counts(shrinking) == parameter_counts(lab)
+    assert lab.state_dict().keys() == shrinking.state_dict().keys()  # the same weights file
+    assert all(torch.equal(lab.state_dict()[k], v) for k, v in shrinking.state_dict().items())
+    assert not any(isinstance(m, Resizing) for m in lab.modules())  # the lab's network exactly
+
+
+@pytest.mark.parametrize("size", [9, 18, 27])
+def test_resizing_is_antialiased_bilinear_interpolation(size):
+    images = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(size))
+    expected = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    torch.testing.assert_close(Resizing(size)(images), expected, rtol=0, atol=1e-6)
+    constant = torch.full((1, 1, 28, 28), 0.7)
+    torch.testing.assert_close(Resizing(size)(constant), torch.full((1, 1, size, size), 0.7))
+
+
+@pytest.mark.parametrize("size", [8, 29, 18.0, True])
+def test_input_sizes_the_network_cannot_take_are_refused(size):
+    with pytest.raises(DigitlabError, match="from 9 to 28"):
+        build_model(input_size=size)
 
 
 def test_batchnorm_uses_keras_defaults():
@@ -91,8 +120,9 @@ def test_model_input_rejects_wrong_sizes_and_ranges():
         as_model_input(np.full((28, 28), 255.0))
 
 
-def test_folding_batchnorm_keeps_the_function_and_leaves_the_model_alone():
-    model = build_model(seed=0)
+@pytest.mark.parametrize("input_size", [28, 18])
+def test_folding_batchnorm_keeps_the_function_and_leaves_the_model_alone(input_size):
+    model = build_model(seed=0, input_size=input_size)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):

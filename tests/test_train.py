@@ -18,13 +18,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from digitlab.cli import main
+from digitlab.data import load_mnist
 from digitlab.devices import Ranks
 from digitlab.errors import DigitlabError
 from digitlab.evaluate import evaluate
 from digitlab.live import read_records
-from digitlab.model import build_model
+from digitlab.model import Resizing, as_model_input, build_model
 from digitlab.runs import run_training
-from digitlab.serialization import load_model
+from digitlab.serialization import FORMAT, load_model, save_model
 from digitlab.train import (
     Checkpoints,
     TrainConfig,
@@ -385,6 +386,39 @@ def test_keras_keywords_that_contradict_the_config_are_refused(mnist):
         train(build_model(), x[:100], y[:100], validation_split=0.1, validation=(x[:10], y[:10]), progress=False)
     with pytest.raises(DigitlabError, match=r"validation_split must be between 0 and 1 \(exclusive\), got 1.5"):
         train(build_model(), x[:100], y[:100], validation_split=1.5, progress=False)
+
+
+def test_a_model_built_for_another_input_size_is_refused(mnist):
+    (x, y), _ = mnist
+    with pytest.raises(DigitlabError, match=r"shrinks pictures to 28 px .* build_model\(input_size=18\)"):
+        train(build_model(), x[:100], y[:100], TrainConfig(input_size=18), progress=False)
+    with pytest.raises(DigitlabError, match=r"shrinks pictures to 18 px .* set input_size=18"):
+        train(build_model(input_size=18), x[:100], y[:100], progress=False)
+
+
+def test_a_run_at_a_smaller_input_size_saves_a_model_that_loads_at_that_size(tmp_path):
+    config = TrainConfig(input_size=14, seed=0)
+    result = run_training(config, data_dir=mnist_dir(), limit=1000, run_dir=tmp_path / "run", progress=False)
+    model, card = load_model(result.model_path)
+    assert card["input_size"] == 14 and card["config"]["input_size"] == 14
+    assert model.input_size == 14 and isinstance(model[0], Resizing) and model[0].size == 14
+    _, (x_test, y_test) = load_mnist(mnist_dir(), progress=False)
+    assert result.test.accuracy == pytest.approx(evaluate(model, x_test, y_test).accuracy, abs=2e-4)
+    at_28 = build_model()
+    at_28.load_state_dict(model.state_dict())
+    images = as_model_input(x_test[:256])
+    with torch.no_grad():  # the same weights fed 28 pixels give other logits: the size is the card's
+        assert not torch.allclose(model(images), at_28.eval()(images), atol=1e-2)
+
+
+def test_a_model_file_with_an_input_size_the_network_cannot_take_is_refused(small_model_path, tmp_path):
+    model, card = load_model(small_model_path)
+    for size, path in ((5, tmp_path / "five.safetensors"), ("18", tmp_path / "text.safetensors")):
+        save_model(model, path, card)
+        tensors = load_file(path)
+        save_file(tensors, path, {"format": FORMAT, "card": json.dumps({**card, "input_size": size})})
+        with pytest.raises(DigitlabError, match=f"{path.name}: input_size must be a whole number of pixels"):
+            load_model(path)
 
 
 def _mnist_batch(mnist, count: int = 64) -> torch.Tensor:

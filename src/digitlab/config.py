@@ -28,6 +28,7 @@ BEST_RECIPE: dict[str, Any] = {
     "augment": True,
     "elastic": 34.0,
     "clean_epochs": 5,
+    "input_size": 18,
 }
 # The robust recipe: the best one, and pictures as other scanners and pens give them (low resolution,
 # stroke width, blur), for handwriting unlike MNIST's; the bundled model's (benchmarks/train_candidates.py, README).
@@ -42,7 +43,7 @@ LOGGERS = ("tensorboard", "mlflow")  # besides the run directory's metrics.csv a
 
 
 # The option groups of `digitlab train`, in the order its help shows them.
-GROUPS = ("recipe", "optimisation", "augmentation", "distillation", "validation", "checkpoints", "logging", "reproducibility and speed")
+GROUPS = ("recipe", "network", "optimisation", "augmentation", "distillation", "validation", "checkpoints", "logging", "reproducibility and speed")
 
 
 def setting(default: Any, help: str, group: str, *, trajectory: bool = False,
@@ -73,6 +74,10 @@ class TrainConfig:
 
     recipe: str = setting("lab", "lab (the seed lab, default), best (highest accuracy) or robust (best, and other handwriting); see below", "recipe",
                           choices=tuple(RECIPES))  # fmt: skip
+    input_size: int = setting(28, "the network sees each 28×28 picture shrunk to N×N pixels (antialiased; its "
+                              "9×9 patches then cover more of the digit); 28 = as given, the lab's network",
+                              "network", trajectory=True, check=(lambda v: type(v) is int and 9 <= v <= 28, "a whole number of pixels from 9 to 28"),
+                              metavar="N")  # fmt: skip
     epochs: int = setting(1, "passes over the training set", "optimisation", trajectory=True,
                           check=(lambda v: v >= 1, "at least 1"))  # fmt: skip
     batch_size: int = setting(32, "images per step (per process under torchrun)", "optimisation", trajectory=True,

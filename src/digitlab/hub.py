@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from digitlab.inference import PREPROCESSING, card_temperature
-from digitlab.model import FILTERS, KERAS_BN_EPSILON, NUM_CLASSES
+from digitlab.model import FILTERS, IMAGE_SIZE, KERAS_BN_EPSILON, NUM_CLASSES
 from digitlab.serialization import HF_CARD_KEY, HF_CONFIG, HF_WEIGHTS, check_finite
 
 HF_README = "README.md"
@@ -28,6 +28,7 @@ HF_FILES = frozenset({HF_WEIGHTS, HF_CONFIG, HF_README})
 
 def write_hf_directory(model: nn.Module, card: dict[str, Any], directory: Path) -> None:
     """Write the three files of the Hugging Face layout into an existing `directory`."""
+    card = {**card, "input_size": getattr(model, "input_size", IMAGE_SIZE)}  # what loading it back builds
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     check_finite(state, directory / HF_WEIGHTS)
     save_file(state, directory / HF_WEIGHTS, metadata={"format": "pt"})
@@ -36,11 +37,13 @@ def write_hf_directory(model: nn.Module, card: dict[str, Any], directory: Path) 
 
 
 def hf_config(card: dict[str, Any]) -> dict[str, Any]:
-    """`config.json`: what the network is, what it takes, and the digitlab card."""
+    """`config.json`: what the network is, what it takes, and the digitlab card (with its `input_size`)."""
     return {
         "library_name": "digitlab",
         "model_type": "digitlab-cnn",
-        "architecture": "4 x (Conv2d 3x3 valid + BatchNorm2d + ReLU), global average pooling, Linear",
+        "architecture": "input resized to input_size (antialiased bilinear, below 28), "
+        "4 x (Conv2d 3x3 valid + BatchNorm2d + ReLU), global average pooling, Linear",
+        "input_size": card["input_size"],
         "filters": list(FILTERS),
         "kernel_size": 3,
         "batchnorm_eps": KERAS_BN_EPSILON,

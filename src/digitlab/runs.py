@@ -216,7 +216,7 @@ def _train_and_test(
     settings: dict[str, Any], loggers: list[Logger], *, resume: bool, progress: bool,
 ) -> tuple[History, Evaluation, torch.nn.Module, float]:  # fmt: skip
     """Build the model, train it (reporting to `loggers`) and evaluate it on the test set."""
-    model = build_model(seed=config.seed)
+    model = build_model(seed=config.seed, input_size=config.input_size)
     for logger in loggers:
         logger.log_hyperparams({**settings["train"], **{k: v for k, v in settings.items() if k != "train"}})
         logger.log_images("train/images", fit[0][:16], step=0)

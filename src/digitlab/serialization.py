@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from digitlab.errors import DigitlabError
-from digitlab.model import DigitCNN, build_model
+from digitlab.model import IMAGE_SIZE, DigitCNN, build_model, check_input_size
 
 FORMAT = "digitlab-model-v1"
 CHECKPOINT_FORMAT = "digitlab-checkpoint-v1"
@@ -192,10 +192,15 @@ def check_model_path(path: str | os.PathLike) -> Path:
 
 
 def save_model(model: torch.nn.Module, path: str | os.PathLike, card: dict[str, Any]) -> Path:
-    """Save weights to `path` (.safetensors) and the card to `path` with .json, atomically."""
+    """Save weights to `path` (.safetensors) and the card to `path` with .json, atomically.
+
+    The card gains the network's `input_size`, which `load_model` builds the network with.
+    """
     path = check_model_path(path)
-    state = unwrap(model).state_dict()
+    network = unwrap(model)
+    state = network.state_dict()
     check_finite(state, path)
+    card = {**card, "input_size": getattr(network, "input_size", IMAGE_SIZE)}
     _save_tensors(state, path, {"format": FORMAT, "card": json.dumps(card)})
     write_json_atomic(card_path(path), card)
     return path
@@ -212,7 +217,7 @@ def load_model(path: str | os.PathLike) -> tuple[DigitCNN, dict[str, Any]]:
     else:
         tensors, metadata = _load_tensors(path, FORMAT, "model")
         card = parse_card(metadata.get("card", "{}"), path)
-    model = build_model()
+    model = build_model(input_size=check_input_size(card.get("input_size", IMAGE_SIZE), f"{path}: input_size"))
     _load_weights(model, tensors, path)
     model.eval()
     return model, card

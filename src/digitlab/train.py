@@ -31,7 +31,7 @@ from digitlab.errors import DigitlabError
 from digitlab.evaluate import evaluate_sharded
 from digitlab.graphed import GraphedStep, can_graph
 from digitlab.loggers import Logger
-from digitlab.model import as_model_input
+from digitlab.model import IMAGE_SIZE, as_model_input
 from digitlab.preprocess import MIN_INK_LEVEL, SHARPEN_AMOUNT, SHARPEN_SIGMA
 from digitlab.serialization import load_checkpoint, load_model, save_checkpoint, save_model, unwrap
 
@@ -469,6 +469,7 @@ def train(
         (x_train, y_train), validation = split_validation(x_train, y_train, validation_split, "validation_split")
     config.validate()
     config.check_needs(validation=validation is not None, checkpoints=checkpoints is not None)
+    _check_input_size(model, config)
     setup = setup or resolve_setup(config)
     run = _prepare(model, x_train, y_train, replace(config, seed=setup.seed), setup)
     run.checkpoints, run.validation, run.progress, run.loggers = checkpoints, validation, progress, loggers
@@ -490,6 +491,16 @@ def train(
         unwrap(model).load_state_dict(run.averaged.state_dict())
     model.eval()
     return run.history
+
+
+def _check_input_size(model: nn.Module, config: TrainConfig) -> None:
+    """Refuse a model built for another input size than the settings train for."""
+    size = getattr(unwrap(model), "input_size", IMAGE_SIZE)
+    if size != config.input_size:
+        raise DigitlabError(
+            f"the model shrinks pictures to {size} px but the settings train at input_size={config.input_size}; "
+            f"build it with build_model(input_size={config.input_size}) or set input_size={size}"
+        )
 
 
 def _with_keywords(config: TrainConfig | None, **keywords: int | None) -> TrainConfig:
