@@ -28,7 +28,8 @@ def test_bundled_model_scores_what_its_card_says(mnist, bundled_model_path):
     # The card was measured in bf16 on another CPU: fp32 or another CPU may read up to 3 images otherwise.
     assert abs(evaluation.accuracy - card["test"]["accuracy"]) <= 3 / 10_000
     assert evaluation.accuracy >= 0.99
-    assert card["config"]["recipe"] == "robust" and "--recipe robust" in card["command"]
+    assert card["config"]["recipe"] == "best" and "--recipe best" in card["command"]
+    assert card["input_size"] == card["config"]["input_size"] == model.input_size == 18
     assert card["data_sha256"]["x_test"] and card["training_seconds"] > 0
 
 
