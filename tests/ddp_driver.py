@@ -16,7 +16,7 @@ import torch
 import digitlab.runs
 from digitlab.cli import main
 from digitlab.data import load_mnist
-from digitlab.model import DigitCNN, build_model
+from digitlab.model import IMAGE_SIZE, DigitCNN, build_model
 from digitlab.serialization import save_model
 
 out_dir = Path(sys.argv[1])
@@ -37,8 +37,8 @@ def recording_forward(self: DigitCNN, x: torch.Tensor) -> torch.Tensor:
     return plain_forward(self, x)
 
 
-def recording_build_model(seed: int | None = None) -> DigitCNN:
-    model = build_model(seed)
+def recording_build_model(seed: int | None = None, input_size: int = IMAGE_SIZE) -> DigitCNN:
+    model = build_model(seed, input_size)
     models.append(model)
     return model
 

@@ -85,7 +85,7 @@ def test_train_help_groups_the_options_and_lists_what_each_recipe_sets(capsys) -
                 else f"{option} {value}"
             )
             assert f"{expected} " in words + " ", (recipe, expected)
-    assert "lab: --epochs 1 --batch-size 32 --lr 0.1" in epilog  # the lab: TrainConfig's defaults
+    assert "lab: --input-size 28 --epochs 1 --batch-size 32 --lr 0.1" in epilog  # the lab: TrainConfig's defaults
 
 
 @pytest.mark.parametrize("command", ["evaluate", "report", "export", "summary", "show confusion"])

@@ -49,7 +49,8 @@ def recipes_epilog() -> str:
     lines = ["what each recipe sets (an option given on the command line wins):"]
     for recipe, settings in RECIPES.items():
         values = [_option_words(name, settings.get(name, getattr(defaults, name))) for name in names]
-        lines.append(textwrap.fill(" ".join(values), 100, initial_indent=f"  {recipe + ':':<6} ", subsequent_indent=" " * 9))
+        lines.append(textwrap.fill(" ".join(values), 100, initial_indent=f"  {recipe + ':':<6} ", subsequent_indent=" " * 9,
+                                   break_on_hyphens=False))  # fmt: skip
     return "\n".join(lines)
 
 
