@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from digitlab.inference import PREPROCESSING, card_temperature
-from digitlab.model import FILTERS, IMAGE_SIZE, KERAS_BN_EPSILON, NUM_CLASSES
+from digitlab.model import FILTERS, KERAS_BN_EPSILON, NUM_CLASSES, input_size_of
 from digitlab.serialization import HF_CARD_KEY, HF_CONFIG, HF_WEIGHTS, check_finite
 
 HF_README = "README.md"
@@ -28,7 +28,7 @@ HF_FILES = frozenset({HF_WEIGHTS, HF_CONFIG, HF_README})
 
 def write_hf_directory(model: nn.Module, card: dict[str, Any], directory: Path) -> None:
     """Write the three files of the Hugging Face layout into an existing `directory`."""
-    card = {**card, "input_size": getattr(model, "input_size", IMAGE_SIZE)}  # what loading it back builds
+    card = {**card, "input_size": input_size_of(model)}  # what loading it back builds
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     check_finite(state, directory / HF_WEIGHTS)
     save_file(state, directory / HF_WEIGHTS, metadata={"format": "pt"})

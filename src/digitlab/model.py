@@ -96,6 +96,11 @@ def check_input_size(size: Any, source: str = "input_size") -> int:
     return size
 
 
+def input_size_of(model: nn.Module) -> int:
+    """The pixels a network's first convolution sees: its `input_size`, 28 for a network without one."""
+    return getattr(model, "input_size", IMAGE_SIZE)
+
+
 class DigitCNN(nn.Sequential):
     """The lab's CNN. Input: N×1×28×28 floats in [0, 1]; output: N×10 logits.
 

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from digitlab.errors import DigitlabError
-from digitlab.model import IMAGE_SIZE, DigitCNN, build_model, check_input_size
+from digitlab.model import IMAGE_SIZE, DigitCNN, build_model, check_input_size, input_size_of
 
 FORMAT = "digitlab-model-v1"
 CHECKPOINT_FORMAT = "digitlab-checkpoint-v1"
@@ -200,7 +200,7 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, card: dict[str, 
     network = unwrap(model)
     state = network.state_dict()
     check_finite(state, path)
-    card = {**card, "input_size": getattr(network, "input_size", IMAGE_SIZE)}
+    card = {**card, "input_size": input_size_of(network)}
     _save_tensors(state, path, {"format": FORMAT, "card": json.dumps(card)})
     write_json_atomic(card_path(path), card)
     return path

@@ -31,7 +31,7 @@ from digitlab.errors import DigitlabError
 from digitlab.evaluate import evaluate_sharded
 from digitlab.graphed import GraphedStep, can_graph
 from digitlab.loggers import Logger
-from digitlab.model import IMAGE_SIZE, as_model_input
+from digitlab.model import as_model_input, input_size_of
 from digitlab.preprocess import MIN_INK_LEVEL, SHARPEN_AMOUNT, SHARPEN_SIGMA
 from digitlab.serialization import load_checkpoint, load_model, save_checkpoint, save_model, unwrap
 
@@ -495,7 +495,7 @@ def train(
 
 def _check_input_size(model: nn.Module, config: TrainConfig) -> None:
     """Refuse a model built for another input size than the settings train for."""
-    size = getattr(unwrap(model), "input_size", IMAGE_SIZE)
+    size = input_size_of(unwrap(model))
     if size != config.input_size:
         raise DigitlabError(
             f"the model shrinks pictures to {size} px but the settings train at input_size={config.input_size}; "
