@@ -421,6 +421,17 @@ def test_a_model_file_with_an_input_size_the_network_cannot_take_is_refused(smal
             load_model(path)
 
 
+def test_a_model_file_from_before_the_input_size_loads_at_28_pixels(tmp_path):
+    path = tmp_path / "older.safetensors"
+    shrinking = build_model(seed=0, input_size=18)
+    save_model(shrinking, path, {"name": "older"})
+    card = {"name": "older"}  # as cards were written before the setting existed
+    save_file(load_file(path), path, {"format": FORMAT, "card": json.dumps(card)})
+    model, loaded_card = load_model(path)
+    assert loaded_card == card and model.input_size == 28 and not isinstance(model[0], Resizing)
+    assert all(torch.equal(shrinking.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 def _mnist_batch(mnist, count: int = 64) -> torch.Tensor:
     (x, _), _ = mnist
     return torch.as_tensor(x[:count]).float().div(255).unsqueeze(1)
