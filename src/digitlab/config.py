@@ -62,6 +62,8 @@ def setting(default: Any, help: str, group: str, *, trajectory: bool = False,
 
 
 _FRACTION = (lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+INPUT_SIZE = (lambda v: type(v) is int and 9 <= v <= 28, "a whole number of pixels from 9 to 28")
+"""Sizes the network can be fed: four valid 3×3 convolutions need 9 pixels; 28 is MNIST's picture."""
 
 
 @dataclass
@@ -76,8 +78,7 @@ class TrainConfig:
                           choices=tuple(RECIPES))  # fmt: skip
     input_size: int = setting(28, "the network sees each 28×28 picture shrunk to N×N pixels (antialiased; its "
                               "9×9 patches then cover more of the digit); 28 = as given, the lab's network",
-                              "network", trajectory=True, check=(lambda v: type(v) is int and 9 <= v <= 28, "a whole number of pixels from 9 to 28"),
-                              metavar="N")  # fmt: skip
+                              "network", trajectory=True, check=INPUT_SIZE, metavar="N")  # fmt: skip
     epochs: int = setting(1, "passes over the training set", "optimisation", trajectory=True,
                           check=(lambda v: v >= 1, "at least 1"))  # fmt: skip
     batch_size: int = setting(32, "images per step (per process under torchrun)", "optimisation", trajectory=True,

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from digitlab.config import INPUT_SIZE
 from digitlab.errors import DigitlabError
 
 FILTERS = (16, 32, 64, 128)
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
-MIN_INPUT_SIZE = 9  # four valid 3×3 convolutions leave one pixel
 
 # Keras BatchNormalization: momentum 0.99 (PyTorch counts the other way) and epsilon 1e-3.
 KERAS_BN_MOMENTUM = 0.01
@@ -88,11 +88,10 @@ class Resizing(nn.Module):
 
 
 def check_input_size(size: Any, source: str = "input_size") -> int:
-    """`size` if the network can take digits of that many pixels (9 to 28); `DigitlabError` otherwise."""
-    if isinstance(size, bool) or not isinstance(size, int) or not MIN_INPUT_SIZE <= size <= IMAGE_SIZE:
-        raise DigitlabError(
-            f"{source} must be a whole number of pixels from {MIN_INPUT_SIZE} to {IMAGE_SIZE}, got {size!r}"
-        )
+    """`size` if the network can take digits of that many pixels (`config.INPUT_SIZE`); `DigitlabError` otherwise."""
+    allowed, what = INPUT_SIZE
+    if not allowed(size):
+        raise DigitlabError(f"{source} must be {what}, got {size!r}")
     return size
 
 
