@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from image_factory import STYLES, write_digit_files
 from PIL import Image
 
@@ -18,11 +21,13 @@ from digitlab.errors import DigitlabError
 from digitlab.predict import (
     LOW_CONFIDENCE_WARNING,
     ImagePrediction,
+    classify,
     load_recognizer,
     predict_images,
 )
 from digitlab.preprocess import MULTIPLE_DIGITS_WARNING
 
+predict_module = importlib.import_module("digitlab.predict")  # `digitlab.predict` is also the function
 SAMPLE = np.arange(0, 10_000, 250)  # 40 MNIST test digits, every digit class
 
 
@@ -111,10 +116,21 @@ def test_worker_processes_give_exactly_the_serial_answers(rendered, recognizer, 
     paths = [path for style in ("noisy", "photo", "transparent") for path in rendered["paths"][style][:12]]
     sources = [*paths[:5], empty, text, tmp_path / "missing.png", Image.open(paths[5]), paths[6].read_bytes(),
                *paths[7:]]  # fmt: skip
+    monkeypatch.setattr(predict_module, "POOL_MIN_IMAGES", 1)
     monkeypatch.setattr(preparation, "POOL_MIN_IMAGES", 1)
     monkeypatch.setattr(preparation, "CHUNK_SIZE", 4)
     serial = predict_images(sources, recognizer, workers=1)
+    threads_before, threads_seen = torch.get_num_threads(), []
+
+    def counting_classify(*args, **kwargs):
+        threads_seen.append(torch.get_num_threads())
+        return classify(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "classify", counting_classify)
     pooled = predict_images(sources, recognizer, workers=2)
+    # the network leaves the workers the cores it can, and has its threads back afterwards
+    assert threads_seen and set(threads_seen) == {max(1, min(threads_before, (os.cpu_count() or 1) - 2))}
+    assert torch.get_num_threads() == threads_before
     assert [r.source for r in pooled] == [r.source for r in serial]
     assert [r.error for r in pooled] == [r.error for r in serial]
     assert [r.ok for r in pooled[5:8]] == [False, False, False]

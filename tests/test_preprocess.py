@@ -9,6 +9,7 @@ from collections import deque
 
 import numpy as np
 import pytest
+from image_factory import STYLES
 from PIL import Image
 
 from digitlab import preprocess as pp
@@ -290,6 +291,53 @@ def test_several_digits_are_flagged_and_single_digits_rarely(mnist):
     assert flagged_singles <= 0.02
     report = pp.preprocess_with_report(pairs[0])[1]
     assert report.warnings == [pp.MULTIPLE_DIGITS_WARNING] and report.components >= 2
+
+
+def test_pictures_preprocessed_together_get_what_each_gets_alone(mnist, monkeypatch):
+    """`preprocess_many` stacks pictures of one size: no picture's result depends on the others in its stack."""
+    _, (x_test, _) = mnist
+    rng = np.random.default_rng(5)
+    pictures = []
+    for index, style in enumerate(STYLES):  # every style, two of each: many sizes, some shared
+        for digit in x_test[2 * index : 2 * index + 2]:
+            picture, _, _ = STYLES[style](digit, rng)
+            pictures.append(picture)
+    pictures += [x_test[100], x_test[101].astype(np.float32) / 255, np.zeros((28, 28), np.uint8)]  # no ink
+    pictures += [np.concatenate([x_test[102], x_test[103]], axis=1), np.ones((2, 3, 5))]  # two digits; bad shape
+    pictures += [np.full((28, 28), 9, np.uint8), x_test[104]]  # no contrast, beside a digit of its size
+    alone = []
+    for picture in pictures:
+        try:
+            alone.append(pp.preprocess_with_report(picture))
+        except DigitlabError as error:
+            alone.append(error)
+    monkeypatch.setattr(pp, "STACK_PIXELS", 3 * 112 * 112)  # stacks of one to several pictures, split
+    order = rng.permutation(len(pictures))
+    together = pp.preprocess_many([pictures[i] for i in order])
+    assert len(together) == len(pictures)
+    for index, outcome in zip(order, together):
+        expected = alone[index]
+        if isinstance(expected, DigitlabError):
+            assert isinstance(outcome, DigitlabError) and str(outcome) == str(expected)
+        else:
+            assert np.array_equal(outcome[0], expected[0]) and outcome[1] == expected[1], index
+    assert sum(isinstance(outcome, DigitlabError) for outcome in together) == 3
+    assert together[list(order).index(len(pictures) - 4)][1].multiple_digits
+
+
+def test_steps_take_a_stack_of_pictures_one_at_a_time():
+    light_page = np.ones((3, 40, 40), dtype=np.float32)
+    light_page[0, 10:30, 18:22] = 0.1  # dark ink
+    light_page[1] = 1.0 - light_page[0]  # light ink
+    light_page[2] = 0.7  # nothing
+    assert pp.ink_is_dark(light_page).tolist() == [True, False, True] == [pp.ink_is_dark(page) for page in light_page]
+    ink = pp.to_ink(light_page, pp.ink_is_dark(light_page))
+    stretched = pp.threshold(ink)
+    np.testing.assert_array_equal(stretched[0], pp.threshold(ink[0]))
+    np.testing.assert_array_equal(stretched[1], pp.threshold(ink[1]))
+    assert not stretched[2].any()  # alone, it raises "no ink found"; in a stack it is left without ink
+    cleaned, pieces = pp._specks_and_pieces(stretched)
+    assert pieces == [[(10, 18, 30, 22)], [(10, 18, 30, 22)], []]
 
 
 # --- loading untrusted files ------------------------------------------------------------------

@@ -22,6 +22,7 @@ from serve_helpers import running_server
 from digitlab import serve as serve_module
 from digitlab.cli import main
 from digitlab.predict import classify, predict_images
+from digitlab.preparation import prepare_chunk
 from digitlab.serve_workers import SPREADS_CONNECTIONS
 
 
@@ -292,11 +293,20 @@ def send_while_the_first_batch_runs(model_path, bodies, monkeypatch, poison_blan
 
 
 def test_requests_that_arrive_together_are_batched(bundled_model_path, digits, monkeypatch):
-    """While one batch runs, the requests that arrive form the next batch; each gets its own answers."""
+    """While one batch runs, the requests that arrive form the next batch, their pictures preprocessed
+    together; each gets its own answers."""
     x, _ = digits
     bodies = [{"images": [x[i].tolist()]} for i in range(5)] + [{"images": [x[5].tolist(), x[6].tolist()]}]
+    preprocessed_together = []
+
+    def recording_prepare_chunk(sources, first_index):
+        preprocessed_together.append(len(sources))
+        return prepare_chunk(sources, first_index)
+
+    monkeypatch.setattr(serve_module, "prepare_chunk", recording_prepare_chunk)
     batch_sizes, responses = send_while_the_first_batch_runs(bundled_model_path, bodies, monkeypatch)
     assert batch_sizes == [1, 6]
+    assert preprocessed_together == [1, 6]  # the five waiting requests' six pictures, preprocessed at once
     direct = predict_images(list(x[:7]), model=bundled_model_path)
     answers = [p["digit"] for r in responses for p in r.json()["predictions"]]
     assert answers == [d.digit for d in direct]

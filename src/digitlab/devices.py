@@ -6,7 +6,8 @@ import ctypes
 import functools
 import os
 import platform
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -98,6 +99,17 @@ def set_threads(threads: int | None) -> None:
     if threads < 1:
         raise DigitlabError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
+
+
+@contextmanager
+def fewer_threads(threads: int) -> Iterator[None]:
+    """Use at most `threads` intra-op threads inside the block (worker processes need the other cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, before)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # glibc's mallopt parameters (malloc.h).

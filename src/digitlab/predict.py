@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
+from contextlib import nullcontext
 from importlib import resources
 from itertools import islice
 from pathlib import Path
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from digitlab import devices
 from digitlab.errors import DigitlabError
 from digitlab.inference import DigitRecognizer, Prediction, Recognizer, load_onnx_recognizer
-from digitlab.preparation import ImagePrediction, ImageSource, prepare_images
+from digitlab.preparation import POOL_MIN_IMAGES, ImagePrediction, ImageSource, prepare_images
 from digitlab.preparation import prepare_image as prepare_image  # its home before digitlab.preparation
 from digitlab.serialization import load_model
 
@@ -91,15 +92,18 @@ def predict_images(
     """Recognize the digit in each picture: paths, bytes, PIL images or arrays of any size.
 
     Each picture is loaded safely (`digitlab.preprocess.load_image`) and put
-    through the MNIST-style `preprocess`; pictures are then run through the
-    network `batch_size` at a time. A picture that cannot be read, or has no
-    ink, gets an `ImagePrediction` with `error` set and the rest go on.
-    Predictions whose (calibrated) probability is below `min_confidence` are
-    marked "not sure", and pictures that seem to hold several digits are marked too. `model`: None for the bundled model, a model file,
-    or a model/recognizer in memory. `progress` shows a bar on stderr (on a terminal). With
-    `workers` above 1, many pictures are preprocessed in that many processes while the network reads
-    earlier ones (`digitlab.preparation.prepare_images`; a script that passes it needs the
-    `if __name__ == "__main__":` guard of `multiprocessing`); the answers are the same with any number.
+    through the MNIST-style preprocessing, many at a time (`preprocess_many`);
+    pictures are then run through the network `batch_size` at a time. A picture
+    that cannot be read, or has no ink, gets an `ImagePrediction` with `error`
+    set and the rest go on. Predictions whose (calibrated) probability is below
+    `min_confidence` are marked "not sure", and pictures that seem to hold
+    several digits are marked too. `model`: None for the bundled model, a model
+    file, or a model/recognizer in memory. `progress` shows a bar on stderr (on
+    a terminal). With `workers` above 1, many pictures are preprocessed in that
+    many processes while the network, on the cores left, reads earlier ones
+    (`digitlab.preparation.prepare_images`; a script that passes it needs the
+    `if __name__ == "__main__":` guard of `multiprocessing`); the answers are
+    the same with any number.
     """
     if top_k < 1 or batch_size < 1:
         raise DigitlabError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
@@ -111,8 +115,12 @@ def predict_images(
         recognizer = load_recognizer(model)
     sources = list(sources)
     prepared = prepare_images(sources, workers)
+    pooled = workers > 1 and len(sources) >= POOL_MIN_IMAGES
     results: list[ImagePrediction] = []
-    with tqdm(total=len(sources), unit="image", disable=None if progress else True, file=sys.stderr) as bar:
+    with (
+        devices.fewer_threads((os.cpu_count() or 1) - workers) if pooled else nullcontext(),
+        tqdm(total=len(sources), unit="image", disable=None if progress else True, file=sys.stderr) as bar,
+    ):
         while batch := list(islice(prepared, batch_size)):
             classify(recognizer, batch, top_k, min_confidence)
             results.extend(batch)

@@ -21,12 +21,17 @@ import numpy as np
 from PIL import Image
 
 from digitlab.errors import DigitlabError
-from digitlab.preprocess import load_image, preprocess_with_report
+from digitlab.preprocess import load_image, preprocess_many
 
 POOL_MIN_IMAGES = 512
 """Fewer pictures than this are prepared in the calling process: starting worker processes costs about 0.3 s."""
-CHUNK_SIZE = 32
-"""Pictures per task sent to a worker process."""
+CHUNK_SIZE = 64
+"""Pictures preprocessed together (`preprocess_many`), and per task sent to a worker process."""
+LOADED_PIXELS = 1 << 22
+"""A chunk's loaded pictures are preprocessed once they hold this many pixels (16 MB as RGBA): a chunk of
+large photos is never all in memory at once."""
+AHEAD = 4
+"""Chunks per worker process queued ahead of the consumer: work for the workers while it runs the network."""
 PORTABLE_SOURCES = (str, PurePath, bytes, bytearray, np.ndarray)
 """Sources sent to worker processes; others (PIL images, open streams) are prepared in the calling process."""
 
@@ -90,15 +95,7 @@ def prepare_image(source: ImageSource, index: int = 0) -> ImagePrediction:
     `index` names pictures that are not files (`describe_source`). The network
     is not run: `classify` fills in the digits of many prepared pictures at once.
     """
-    result = ImagePrediction(source=describe_source(source, index))
-    try:
-        picture = source if isinstance(source, (Image.Image, np.ndarray)) else load_image(source)
-        result.image, report = preprocess_with_report(picture)
-        result.warnings = report.warnings
-    except DigitlabError as error:
-        named = not isinstance(source, (str, os.PathLike)) or str(error).startswith(result.source)
-        result.error = str(error) if named else f"{result.source}: {error}"
-    return result
+    return prepare_chunk([source], index)[0]
 
 
 def prepare_images(sources: Sequence[ImageSource], workers: int = 1) -> Iterator[ImagePrediction]:
@@ -112,8 +109,8 @@ def prepare_images(sources: Sequence[ImageSource], workers: int = 1) -> Iterator
     if workers < 1:
         raise DigitlabError(f"workers must be at least 1, got {workers}")
     if workers == 1 or len(sources) < POOL_MIN_IMAGES:
-        for index, source in enumerate(sources):
-            yield prepare_image(source, index)
+        for start in range(0, len(sources), CHUNK_SIZE):
+            yield from prepare_chunk(sources[start : start + CHUNK_SIZE], start)
         return
     chunks = iter(range(0, len(sources), CHUNK_SIZE))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -123,7 +120,7 @@ def prepare_images(sources: Sequence[ImageSource], workers: int = 1) -> Iterator
             portable = all(isinstance(source, PORTABLE_SOURCES) for source in part)
             return start, pool.submit(prepare_chunk, part, start) if portable else None
 
-        pending = deque(submit(start) for _, start in zip(range(2 * workers), chunks))
+        pending = deque(submit(start) for _, start in zip(range(AHEAD * workers), chunks))
         while pending:
             start, future = pending.popleft()
             following = next(chunks, None)
@@ -133,5 +130,42 @@ def prepare_images(sources: Sequence[ImageSource], workers: int = 1) -> Iterator
 
 
 def prepare_chunk(sources: Sequence[ImageSource], first_index: int) -> list[ImagePrediction]:
-    """`prepare_image` for consecutive sources, the first of which is `first_index` in the caller's list."""
-    return [prepare_image(source, index) for index, source in enumerate(sources, start=first_index)]
+    """`prepare_image` for consecutive sources, the first of which is `first_index` in the caller's list.
+
+    Pictures are loaded one by one and preprocessed together (`digitlab.preprocess.preprocess_many`),
+    as soon as `LOADED_PIXELS` are loaded and at the end.
+    """
+    results: list[ImagePrediction] = []
+    loaded: list[tuple[ImagePrediction, ImageSource, Image.Image | np.ndarray]] = []
+    pixels = 0
+    for index, source in enumerate(sources, start=first_index):
+        result = ImagePrediction(source=describe_source(source, index))
+        results.append(result)
+        try:
+            picture = source if isinstance(source, (Image.Image, np.ndarray)) else load_image(source)
+        except DigitlabError as error:
+            _record_error(result, source, error)
+            continue
+        loaded.append((result, source, picture))
+        pixels += picture.size[0] * picture.size[1] if isinstance(picture, Image.Image) else picture.size
+        if pixels >= LOADED_PIXELS:
+            _preprocess_loaded(loaded)
+            loaded, pixels = [], 0
+    _preprocess_loaded(loaded)
+    return results
+
+
+def _preprocess_loaded(loaded: list[tuple[ImagePrediction, ImageSource, Image.Image | np.ndarray]]) -> None:
+    outcomes = preprocess_many([picture for _, _, picture in loaded])
+    for (result, source, _), outcome in zip(loaded, outcomes):
+        if isinstance(outcome, DigitlabError):
+            _record_error(result, source, outcome)
+        else:
+            result.image, report = outcome
+            result.warnings = report.warnings
+
+
+def _record_error(result: ImagePrediction, source: ImageSource, error: DigitlabError) -> None:
+    """Set the result's error, starting with the file's path for files."""
+    named = not isinstance(source, (str, os.PathLike)) or str(error).startswith(result.source)
+    result.error = str(error) if named else f"{result.source}: {error}"

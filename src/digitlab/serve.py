@@ -2,13 +2,13 @@
 
 `create_app` builds the application around one model, loaded once when the app
 is created (so once per worker process); `serve` runs it under uvicorn. Images
-go through the same pipeline as `digitlab predict` (`digitlab.preparation.prepare_image`,
-then `classify`). Each request's images are decoded and preprocessed one after
-another in a pool of threads (one per core), within a pixel cap and a time
-budget, so a large request never stalls small ones. A request of small pictures
-is prepared by the batcher instead, which then classifies the images of all
-requests waiting for the network in one batch: a hop to the pool costs more
-than their preparation.
+go through the same pipeline as `digitlab predict` (`digitlab.preparation`,
+then `classify`). A large request's images are decoded and preprocessed one
+after another in a pool of threads (one per core), within a pixel cap and a time
+budget, so it never stalls small ones. A request of small pictures is decoded
+by the batcher instead, which preprocesses the pictures of all requests waiting
+for the network together and classifies them in one batch: a hop to the pool
+costs more than their preparation.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from digitlab.errors import DigitlabError
 from digitlab.inference import DigitRecognizer
 from digitlab.predict import bundled_model_path, classify, load_recognizer
-from digitlab.preparation import ImagePrediction, prepare_image
+from digitlab.preparation import ImagePrediction, prepare_chunk, prepare_image
 from digitlab.preprocess import MAX_PIXELS, declared_pixels, load_image
 from digitlab.results import PredictResponse, image_result
 from digitlab.serve_limits import CLIENT_TIMEOUT, MAX_CONNECTIONS, SHUTDOWN_TIMEOUT, TIME_BUDGET
@@ -203,8 +203,10 @@ def client_name(scope: Scope) -> str:
     return f"{client[0]}:{client[1]}" if client else "a client"
 
 
-Preparation = Callable[[], list[ImagePrediction]]
-"""Decodes and preprocesses one request's images (raising `HTTPException` for bad ones)."""
+Picture = tuple[str, Image.Image | np.ndarray]
+"""A decoded picture and its name in the request."""
+Preparation = Callable[[], list[ImagePrediction] | list[Picture]]
+"""Decodes one request's images (raising `HTTPException` for bad ones) and may preprocess them too."""
 
 
 class Batcher:
@@ -212,7 +214,9 @@ class Batcher:
 
     While one batch runs (in a worker thread, so the server keeps accepting
     requests), new requests queue up; when it finishes, all of them form the
-    next batch: their preparations run one after another, then one `classify`.
+    next batch: their preparations run one after another, the pictures they
+    decoded are preprocessed together (`digitlab.preprocess.preprocess_many`),
+    then one `classify` reads them all.
     """
 
     def __init__(self, recognizer: DigitRecognizer) -> None:
@@ -244,25 +248,34 @@ class Batcher:
 
     def prepare_and_classify(self, preparations: list[Preparation]) -> list[list[ImagePrediction] | Exception]:
         """Each request's prepared and classified images, or the exception that failed it."""
-        outcomes: list[list[ImagePrediction] | Exception] = []
+        outcomes: list[list[ImagePrediction | Picture] | Exception] = []
         for prepare in preparations:
             try:
-                outcomes.append(prepare())
+                outcomes.append(list(prepare()))
             except Exception as error:
                 outcomes.append(error)
-        prepared = [outcome for outcome in outcomes if not isinstance(outcome, Exception)]
+        requests = [outcome for outcome in outcomes if not isinstance(outcome, Exception)]
         try:
-            classify(self.recognizer, [result for images in prepared for result in images], TOP_K)
+            self.prepare_and_classify_decoded(requests)
         except Exception as error:
-            if len(prepared) == 1:
-                return [error if outcome is prepared[0] else outcome for outcome in outcomes]
+            if len(requests) == 1:
+                return [error if outcome is requests[0] else outcome for outcome in outcomes]
             for index, outcome in enumerate(outcomes):  # one request's picture must not fail the others
                 if not isinstance(outcome, Exception):
                     try:
-                        classify(self.recognizer, outcome, TOP_K)
+                        self.prepare_and_classify_decoded([outcome])
                     except Exception as error:
                         outcomes[index] = error
-        return outcomes
+        return outcomes  # type: ignore[return-value]  # every picture is an ImagePrediction now
+
+    def prepare_and_classify_decoded(self, requests: list[list[ImagePrediction | Picture]]) -> None:
+        """Preprocess the decoded pictures of all these requests together, in place, then classify them all."""
+        waiting = [(images, index) for images in requests for index, item in enumerate(images)
+                   if not isinstance(item, ImagePrediction)]  # fmt: skip
+        pictures: list[Picture] = [images[index] for images, index in waiting]  # type: ignore[misc]
+        for (images, index), result in zip(waiting, prepare_pictures(pictures)):
+            images[index] = result
+        classify(self.recognizer, [result for images in requests for result in images], TOP_K)  # type: ignore[misc]
 
 
 @dataclass
@@ -397,20 +410,27 @@ async def predict_endpoint(
         raise HTTPException(503, "the model is not ready yet; retry in a moment")
     content_type = request.headers.get("content-type", "")
     deadline = time.monotonic() + limits.time_budget
+    prepare: Preparation
     if content_type.startswith("multipart/form-data"):
         names, uploads = await uploaded_files(request, limits.max_images)
         small = sum(declared_sizes(names, uploads, limits)) <= INLINE_PIXELS
-        prepare = functools.partial(prepare_uploads, names, uploads, limits, deadline)
+        if small:  # decoded by the batcher and preprocessed with the other waiting requests' pictures
+            prepare = functools.partial(decode_uploads, names, uploads, limits, deadline)
+        else:  # prepared in the pool, so that the small requests in the batcher never wait for it
+            prepared = await in_pool(service, prepare_uploads, names, uploads, limits, deadline)
+            prepare = functools.partial(list, prepared)
     elif content_type.startswith("application/json"):
         body = await request.body()
         small = len(body) <= 2 * INLINE_PIXELS  # a pixel takes two bytes of JSON at least
         parsed = pixel_images(body) if small else await in_pool(service, pixel_images, body)
         return_image = return_image or parsed.return_image
-        prepare = functools.partial(prepare_pixel_arrays, parsed.images, limits, deadline)
+        if small:
+            prepare = functools.partial(pixel_pictures, parsed.images, limits, deadline)
+        else:
+            prepared = await in_pool(service, prepare_pixel_arrays, parsed.images, limits, deadline)
+            prepare = functools.partial(list, prepared)
     else:
         raise HTTPException(415, 'send images as multipart/form-data (field "files") or as JSON {"images": [...]}')
-    if not small:  # prepared in the pool, so that the small requests in the batcher never wait for it
-        prepare = functools.partial(list, await in_pool(service, prepare))
     prepared = await batcher.predict(prepare)
     return PredictResponse(predictions=[image_result(result, return_image) for result in prepared])
 
@@ -477,6 +497,29 @@ def prepare_uploads(names: list[str], uploads: list[bytes], limits: Limits, dead
         check_time_budget(deadline, limits, index)
         prepared.append(named(prepare_image(decode(name, data)), name))
     return prepared
+
+
+def decode_uploads(names: list[str], uploads: list[bytes], limits: Limits, deadline: float) -> list[Picture]:
+    """The uploaded files decoded (422 for a file that is not an image), to be preprocessed by the batcher;
+    the time budget is checked before each."""
+    pictures: list[Picture] = []
+    for index, (name, data) in enumerate(zip(names, uploads)):
+        check_time_budget(deadline, limits, index)
+        pictures.append((name, decode(name, data)))
+    return pictures
+
+
+def pixel_pictures(images: list[list[list[float]]], limits: Limits, deadline: float) -> list[Picture]:
+    """The pixel arrays of a JSON body checked (413/422), to be preprocessed by the batcher."""
+    names, arrays = pixel_arrays(images, limits.max_images)
+    check_time_budget(deadline, limits, 0)
+    return list(zip(names, arrays))
+
+
+def prepare_pictures(pictures: list[Picture]) -> list[ImagePrediction]:
+    """Preprocess decoded pictures together, each result named as in its request."""
+    prepared = prepare_chunk([picture for _, picture in pictures], 0)
+    return [named(result, name) for (name, _), result in zip(pictures, prepared)]
 
 
 def decode(name: str, data: bytes) -> Image.Image:
