@@ -184,6 +184,19 @@ def test_percentiles_are_numpys_to_the_bit():
                 assert found.dtype == expected.dtype and np.array_equal(found, expected), (size, percents)
 
 
+def test_medians_are_numpys_to_the_bit():
+    """Also when most values are one value, which `_median` may recognise by counting instead of sorting."""
+    rng = np.random.default_rng(6)
+    for size in (1, 2, 3, 8, 101, 4032):
+        for blank in (0.0, 0.5, 0.9, 1.0):
+            values = (rng.random((6, size)) >= blank) * rng.normal(size=(6, size)).astype(np.float32)
+            expected = np.median(values, axis=-1)
+            for likely in (None, 0.0):
+                found = pp._median(values, likely)
+                assert found.dtype == expected.dtype and np.array_equal(found, expected), (size, blank, likely)
+                assert pp._median(values[0], likely) == expected[0]
+
+
 def test_neighbourhood_extremes_match_the_nine_shifts():
     rng = np.random.default_rng(3)
     for shape in ((1, 1), (1, 5), (4, 1), (7, 9), (30, 40)):
