@@ -5,9 +5,10 @@ enlarged to `--size`, default 64×64, bicubic, inverted; PNG by default, or JPEG
 quality 75) in a temporary directory, then runs `digitlab predict DIR --csv` as
 a user would (a new process: start-up and model loading included) and, in this
 process, side by side and interleaved over `--repeats`: preprocessing alone on
-one core, the network alone, and `predict_images` with 1 and with `--workers`
-worker processes. Prints medians, the ratios to one worker, accuracy against
-the labels, and the machine with its load average.
+one core (one picture at a time, and in stacks as `predict_images` does), the
+network alone, and `predict_images` with 1 and with `--workers` worker
+processes. Prints medians, the ratios to one worker, accuracy against the
+labels, and the machine with its load average.
 
     python benchmarks/predict_files.py                     # 1,000 digits as 64×64 PNGs, the bundled model
     python benchmarks/predict_files.py --count 5000 --format jpg --model runs/x/model.safetensors
@@ -58,7 +59,7 @@ def main() -> None:
 
     from digitlab.data import load_mnist
     from digitlab.predict import classify, load_recognizer, predict_images
-    from digitlab.preparation import prepare_images
+    from digitlab.preparation import prepare_image, prepare_images
     from digitlab.runs import cpu_name
 
     _, (x_test, y_test) = load_mnist(args.data_dir, progress=False)
@@ -87,6 +88,7 @@ def main() -> None:
                 classify(recognizer, prepared[start : start + 256])
 
         rows_timed = {
+            "preprocessing one at a time, 1 core": lambda: [prepare_image(path) for path in paths],
             "preprocessing alone, 1 core": lambda: list(prepare_images(paths)),
             f"network alone ({torch.get_num_threads()} threads)": network,
             "predict_images, 1 worker": lambda: predict_images(paths, recognizer, workers=1),
@@ -99,7 +101,9 @@ def main() -> None:
                 start = time.perf_counter()
                 answers[name] = run()
                 seconds[name].append(time.perf_counter() - start)
-        one, many = (answers[name] for name in list(rows_timed)[2:])
+        alone, stacked = (answers[name] for name in list(rows_timed)[:2])
+        same_images = all(np.array_equal(a.image, b.image) for a, b in zip(alone, stacked))
+        one, many = (answers[name] for name in list(rows_timed)[3:])
         same = all(a.digit == b.digit and a.probabilities == b.probabilities for a, b in zip(one, many))
         api_accuracy = float(np.mean([result.digit == label for result, label in zip(many, labels)]))
 
@@ -114,7 +118,8 @@ def main() -> None:
     print(f"digitlab predict DIR (new process, --workers {args.workers}, start-up included): "
           f"{count / cli_seconds:,.0f} images/s ({cli_seconds:.1f} s)")  # fmt: skip
     print(f"accuracy: raw 28×28 {raw_accuracy:.2%}, CLI {cli_accuracy:.2%}, predict_images {api_accuracy:.2%}; "
-          f"1 and {args.workers} workers give identical answers: {same}")  # fmt: skip
+          f"1 and {args.workers} workers give identical answers: {same}; pictures preprocessed alone and in "
+          f"stacks give identical images: {same_images}")  # fmt: skip
     print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs; load average (1 min) "
           f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after")  # fmt: skip
 
