@@ -116,7 +116,6 @@ def test_worker_processes_give_exactly_the_serial_answers(rendered, recognizer, 
     paths = [path for style in ("noisy", "photo", "transparent") for path in rendered["paths"][style][:12]]
     sources = [*paths[:5], empty, text, tmp_path / "missing.png", Image.open(paths[5]), paths[6].read_bytes(),
                *paths[7:]]  # fmt: skip
-    monkeypatch.setattr(predict_module, "POOL_MIN_IMAGES", 1)
     monkeypatch.setattr(preparation, "POOL_MIN_IMAGES", 1)
     monkeypatch.setattr(preparation, "CHUNK_SIZE", 4)
     serial = predict_images(sources, recognizer, workers=1)

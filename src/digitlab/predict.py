@@ -18,7 +18,7 @@ from tqdm import tqdm
 from digitlab import devices
 from digitlab.errors import DigitlabError
 from digitlab.inference import DigitRecognizer, Prediction, Recognizer, load_onnx_recognizer
-from digitlab.preparation import POOL_MIN_IMAGES, ImagePrediction, ImageSource, prepare_images
+from digitlab.preparation import ImagePrediction, ImageSource, prepare_images, uses_workers
 from digitlab.preparation import prepare_image as prepare_image  # its home before digitlab.preparation
 from digitlab.serialization import load_model
 
@@ -115,7 +115,7 @@ def predict_images(
         recognizer = load_recognizer(model)
     sources = list(sources)
     prepared = prepare_images(sources, workers)
-    pooled = workers > 1 and len(sources) >= POOL_MIN_IMAGES
+    pooled = uses_workers(len(sources), workers)
     results: list[ImagePrediction] = []
     with (
         devices.fewer_threads((os.cpu_count() or 1) - workers) if pooled else nullcontext(),

@@ -99,6 +99,11 @@ def prepare_image(source: ImageSource, index: int = 0) -> ImagePrediction:
     return prepare_chunk([source], index)[0]
 
 
+def uses_workers(count: int, workers: int) -> bool:
+    """Whether `prepare_images` prepares `count` pictures in `workers` worker processes."""
+    return workers > 1 and count >= POOL_MIN_IMAGES
+
+
 def prepare_images(sources: Sequence[ImageSource], workers: int = 1) -> Iterator[ImagePrediction]:
     """`prepare_image` for each source (its index in `sources` names it), yielded in order.
 
@@ -109,7 +114,7 @@ def prepare_images(sources: Sequence[ImageSource], workers: int = 1) -> Iterator
     """
     if workers < 1:
         raise DigitlabError(f"workers must be at least 1, got {workers}")
-    if workers == 1 or len(sources) < POOL_MIN_IMAGES:
+    if not uses_workers(len(sources), workers):
         for start in range(0, len(sources), CHUNK_SIZE):
             yield from prepare_chunk(sources[start : start + CHUNK_SIZE], start)
         return

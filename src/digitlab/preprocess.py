@@ -241,7 +241,7 @@ def _preprocess_stack(
     dark = ink_is_dark(grey)
     inks, pieces = _specks_and_pieces(remove_border_lines(threshold(flatten_background(to_ink(grey, dark)))))
     boxes, inked = _ink_boxes(inks)
-    sharpened = sharpen(inks)
+    sharpened = _sharpen(inks, boxes, inked)
     sharp_boxes, sharp_inked = _ink_boxes(sharpened)
     height, width = inks.shape[-2:]
     outcomes: list[tuple[np.ndarray, PreprocessReport] | DigitlabError] = []
@@ -697,10 +697,21 @@ def sharpen(ink: np.ndarray, sigma: float = SHARPEN_SIGMA, amount: float = SHARP
     boxes, inked = _ink_boxes(stack)
     if ink.ndim == 2 and not inked[0]:
         raise DigitlabError(NO_INK_MESSAGE)
+    return _sharpen(stack, boxes, inked, sigma, amount).reshape(ink.shape)
+
+
+def _sharpen(
+    stack: np.ndarray,
+    boxes: np.ndarray,
+    inked: np.ndarray,
+    sigma: float = SHARPEN_SIGMA,
+    amount: float = SHARPEN_AMOUNT,
+) -> np.ndarray:
+    """`sharpen` of a stack (N×H×W) given its ink's boxes and which pictures have ink (`_ink_boxes`)."""
     sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     chosen = np.flatnonzero(inked & (sides > SHARPEN_ABOVE * BOX_SIZE))
     if chosen.size == 0:
-        return ink
+        return stack
     height, width = stack.shape[-2:]
     spreads = [sigma * int(side) / BOX_SIZE for side in sides[chosen]]
     down = np.stack([_gaussian_matrix(height, spread) for spread in spreads])
@@ -709,7 +720,7 @@ def sharpen(ink: np.ndarray, sigma: float = SHARPEN_SIGMA, amount: float = SHARP
     sharpened = np.clip(selected + amount * (selected - down @ selected @ across), 0.0, 1.0)
     result = stack.astype(np.float32)
     result[chosen] = np.where(sharpened >= MIN_INK_LEVEL / 2, sharpened, 0.0)
-    return result.reshape(ink.shape)
+    return result
 
 
 @functools.lru_cache(maxsize=256)
