@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import mnist_dir
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -29,6 +30,7 @@ from digitlab.serialization import FORMAT, load_model
 from digitlab.train import (
     Checkpoints,
     TrainConfig,
+    _gaussian_blur,
     _smooth_displacement,
     augment_batch,
     augment_options,
@@ -132,6 +134,26 @@ def test_elastic_distortion_is_a_smooth_small_warp(mnist):
     field = _smooth_displacement(64, 28, torch.Generator().manual_seed(5), torch.device("cpu"))
     neighbours = torch.corrcoef(torch.stack([field[:, :, :-1].flatten(), field[:, :, 1:].flatten()]))
     assert neighbours[0, 1] > 0.9  # neighbouring pixels move together
+
+
+def test_gaussian_blur_by_matrices_is_the_zero_padded_convolution():
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(5, 1, 28, 20, generator=generator)
+    sigma = 0.3 + 2 * torch.rand(5, 1, generator=generator)
+    radius = 6
+    expected = []
+    for image, s in zip(images, sigma):
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1.0) / s) ** 2)
+        taps = taps / taps.sum()
+        rows = F.conv2d(image[None], taps.view(1, 1, 1, -1), padding=(0, radius))
+        expected.append(F.conv2d(rows, taps.view(1, 1, -1, 1), padding=(radius, 0))[0])
+    torch.testing.assert_close(_gaussian_blur(images, sigma), torch.stack(expected), rtol=0, atol=1e-6)
+    field = _smooth_displacement(3, 28, torch.Generator().manual_seed(5), torch.device("cpu"))
+    noise = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    taps = torch.exp(-0.5 * (torch.arange(-12, 13.0) / 4.0) ** 2)
+    taps = taps / taps.sum()
+    blurred = F.conv2d(F.conv2d(noise, taps.view(1, 1, 1, -1), padding=(0, 12)), taps.view(1, 1, -1, 1), padding=(12, 0))
+    torch.testing.assert_close(field, blurred.view(3, 2, 28, 28).permute(0, 2, 3, 1), rtol=0, atol=1e-6)
 
 
 def test_epoch_order_shards_every_sample_once_across_ranks():

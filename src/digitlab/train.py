@@ -213,16 +213,23 @@ def _blur(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """N×1×H×W images each blurred by a Gaussian of σ `sigma[i]` pixels (N×1), zeros beyond the edges,
-    in two grouped convolutions."""
-    n, _, height, width = images.shape
-    offsets = torch.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1, device=images.device, dtype=images.dtype)
-    taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    taps = (taps / taps.sum(1, keepdim=True)).view(n, 1, 1, -1)
-    stacked = images.reshape(1, n, height, width)
-    blurred = F.conv2d(stacked, taps, padding=(0, _BLUR_RADIUS), groups=n)
-    blurred = F.conv2d(blurred, taps.transpose(2, 3), padding=(_BLUR_RADIUS, 0), groups=n)
-    return blurred.reshape(images.shape)
+    """N×1×H×W images each blurred by a Gaussian of σ `sigma[i]` pixels (N×1), zeros beyond the edges."""
+    _, _, height, width = images.shape
+    rows = _gaussian_matrices(width, sigma, _BLUR_RADIUS).unsqueeze(1)
+    columns = _gaussian_matrices(height, sigma, _BLUR_RADIUS).unsqueeze(1)
+    return columns @ (images @ rows)
+
+
+def _gaussian_matrices(size: int, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """N×size×size matrices G, one per σ in `sigma` (N×1): `x @ G` blurs the rows of x by a Gaussian of
+    that σ cut off at `radius` pixels, zeros beyond the edges, as a convolution would; G is symmetric,
+    so `G @ x` blurs the columns. Products of small matrices cost far less than convolutions here."""
+    options = {"device": sigma.device, "dtype": sigma.dtype}
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, **options) / sigma) ** 2)
+    positions = torch.arange(size, **options)
+    distance = (positions.view(-1, 1) - positions.view(1, -1)).expand(len(sigma), size, size)
+    weights = torch.exp(-0.5 * (distance / sigma.view(-1, 1, 1)) ** 2) / taps.sum(1).view(-1, 1, 1)
+    return torch.where(distance.abs() <= radius, weights, 0.0)
 
 
 def _lower_resolution(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -245,12 +252,9 @@ def _smooth_displacement(
     n: int, size: int, generator: torch.Generator, device: torch.device, sigma: float = 4.0
 ) -> torch.Tensor:
     """N×size×size×2 displacement fields: uniform noise in [-1, 1] blurred by a Gaussian of σ pixels."""
-    noise = torch.rand(n * 2, 1, size, size, generator=generator, device=device) * 2 - 1
-    radius = int(3 * sigma)
-    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=device) / sigma) ** 2)
-    taps = taps / taps.sum()
-    blurred = F.conv2d(noise, taps.view(1, 1, 1, -1), padding=(0, radius))
-    blurred = F.conv2d(blurred, taps.view(1, 1, -1, 1), padding=(radius, 0))
+    noise = torch.rand(n * 2, size, size, generator=generator, device=device) * 2 - 1
+    blur = _gaussian_matrices(size, torch.full((1, 1), sigma, device=device), int(3 * sigma))[0]
+    blurred = blur @ (noise @ blur)
     return blurred.view(n, 2, size, size).permute(0, 2, 3, 1)
 
 
