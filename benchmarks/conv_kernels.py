@@ -3,12 +3,14 @@
 For each of the four 3×3 convolutions at batch 32 (the lab's), this times the
 forward, the weight gradient and the input gradient (none for the first layer,
 whose input needs no gradient) through `aten.convolution_backward`, channels-last
-as digitlab trains, on the CPU, median of --repeats calls after two warm-ups.
+as digitlab trains, on the CPU, median of --repeats calls after two warm-ups,
+in fp32 or (`--precision bf16`, what autocast runs on a CPU with native bf16) bf16.
 It prints each pass's GFLOP/s and the sum of all passes per step and per epoch
 (1,875 steps): a floor for this machine's kernels, before BatchNorm, ReLU,
 pooling, loss or SGD, to set beside `benchmarks/train_epoch.py`'s epoch times.
 
     python benchmarks/conv_kernels.py --threads 2
+    python benchmarks/conv_kernels.py --threads 2 --precision bf16
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from train_epoch import cpu_model  # noqa: E402
 
 BATCH_SIZE = 32
 EPOCH_STEPS = 1875
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYERS = ((1, 16, 28), (16, 32, 26), (32, 64, 24), (64, 128, 22))  # in channels, out channels, input size
 
 
@@ -42,12 +45,14 @@ def median_seconds(function: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def layer_passes(inputs: int, outputs: int, size: int, input_gradient: bool) -> dict[str, Callable[[], object]]:
+def layer_passes(
+    inputs: int, outputs: int, size: int, input_gradient: bool, dtype: torch.dtype
+) -> dict[str, Callable[[], object]]:
     """The passes of one convolution on random channels-last tensors, each a call to time."""
-    layout = torch.channels_last
-    x = torch.randn(BATCH_SIZE, inputs, size, size).contiguous(memory_format=layout)
-    w = torch.randn(outputs, inputs, 3, 3).contiguous(memory_format=layout)
-    grad = torch.randn(BATCH_SIZE, outputs, size - 2, size - 2).contiguous(memory_format=layout)
+    options = {"dtype": dtype, "memory_format": torch.channels_last}
+    x = torch.randn(BATCH_SIZE, inputs, size, size).to(**options)
+    w = torch.randn(outputs, inputs, 3, 3).to(**options)
+    grad = torch.randn(BATCH_SIZE, outputs, size - 2, size - 2).to(**options)
 
     def backward(mask: list[bool]) -> Callable[[], object]:
         return lambda: torch.ops.aten.convolution_backward(
@@ -64,16 +69,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, help="intra-op threads (default: PyTorch's choice)")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--precision", choices=tuple(DTYPES), default="fp32")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     print(f"CPU: {cpu_model()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, channels-last, batch {BATCH_SIZE}")  # fmt: skip
+          f"{torch.get_num_threads()} threads, {args.precision}, channels-last, batch {BATCH_SIZE}")  # fmt: skip
     print(f"{'layer':<10} {'MFLOP':>7} {'forward':>16} {'weight grad':>16} {'input grad':>16}")
     step_seconds = 0.0
     for index, (inputs, outputs, size) in enumerate(LAYERS):
-        passes = layer_passes(inputs, outputs, size, input_gradient=index > 0)
+        passes = layer_passes(inputs, outputs, size, input_gradient=index > 0, dtype=DTYPES[args.precision])
         flop = 2 * BATCH_SIZE * (size - 2) ** 2 * outputs * inputs * 9
         cells = []
         for name in ("forward", "weight grad", "input grad"):
