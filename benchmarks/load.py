@@ -1,7 +1,7 @@
 """Load benchmark for `digitlab serve`, side by side with its stack's ceiling.
 
-The ceiling is a bare FastAPI endpoint on the same uvicorn (one worker, access
-log on, like digitlab's) that reads the same multipart uploads and answers JSON
+The ceiling is a bare FastAPI endpoint on the same uvicorn and HTTP protocol
+(one worker, access log on, Nagle off, like digitlab's) that reads the same multipart uploads and answers JSON
 without a model. Each round starts the ceiling server, then `digitlab serve`,
 each as a subprocess on a free 127.0.0.1 port, sends both the same `--requests`
 POST /v1/predict requests (one MNIST test digit each, as a `--size`×`--size`
@@ -90,7 +90,9 @@ def ceiling_app() -> FastAPI:
 def serve_ceiling(port: int) -> None:
     import uvicorn
 
-    uvicorn.run(ceiling_app(), host="127.0.0.1", port=port, log_level="info", http="h11")
+    from digitlab.serve import ServiceProtocol  # the same HTTP/1.1 protocol as digitlab's (no Nagle delay)
+
+    uvicorn.run(ceiling_app(), host="127.0.0.1", port=port, log_level="info", http=ServiceProtocol)
 
 
 def start_server(command: list[str], port: int, log: Path) -> subprocess.Popen:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -15,9 +16,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 from serve_helpers import running_server
+from uvicorn.server import ServerState
 
 from digitlab import serve as serve_module
 from digitlab.cli import main
@@ -443,3 +446,31 @@ def test_a_worker_that_dies_is_replaced(bundled_model_path, tmp_path, digits):
             assert response.status_code == 200 and response.json()["predictions"][0]["digit"] == digits[1][0]
         assert server.stop() == 0, server.output()
     assert "starting another" in server.output()
+
+
+def test_connections_send_without_waiting_for_acknowledgements():
+    """Each connection the service accepts has Nagle's algorithm off (TCP_NODELAY), which asyncio leaves on
+    for sockets accepted from `socket.create_server`'s, where every answer otherwise waited 40 ms."""
+
+    async def app(scope, receive, send):  # never called: no request is sent
+        raise AssertionError(scope)
+
+    class Transport(asyncio.Transport):
+        def __init__(self, connection: socket.socket) -> None:
+            super().__init__({"socket": connection, "sockname": connection.getsockname(),
+                              "peername": connection.getpeername()})  # fmt: skip
+
+        def is_closing(self) -> bool:
+            return False
+
+    loop = asyncio.new_event_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname()), listener.accept()[0] as accepted:
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0  # as the listener hands it over
+        protocol = serve_module.ServiceProtocol(uvicorn.Config(app), ServerState(), {}, _loop=loop)
+        protocol.connection_made(Transport(accepted))
+        try:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        finally:
+            protocol.header_timer.cancel()
+            loop.close()
