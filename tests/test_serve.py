@@ -474,3 +474,35 @@ def test_connections_send_without_waiting_for_acknowledgements():
         finally:
             protocol.header_timer.cancel()
             loop.close()
+
+
+@pytest.mark.parametrize("gather_turns", [0, serve_module.GATHER_TURNS])
+def test_requests_the_loop_is_still_reading_join_the_batch(gather_turns, monkeypatch):
+    """A request that reaches the batcher a few event-loop turns after another is in the same batch,
+    as long as that is within GATHER_TURNS turns (none: a batch of its own)."""
+    monkeypatch.setattr(serve_module, "GATHER_TURNS", gather_turns)
+    late_turns = serve_module.GATHER_TURNS - 2 if gather_turns else 2
+
+    async def scenario() -> tuple[list[int], list[list[str]]]:
+        batcher = serve_module.Batcher(recognizer=None)
+        batch_sizes: list[int] = []
+
+        def prepare_and_classify(preparations):
+            batch_sizes.append(len(preparations))
+            return [list(prepare()) for prepare in preparations]
+
+        batcher.prepare_and_classify = prepare_and_classify
+        running = asyncio.create_task(batcher.run())
+
+        async def late_request() -> list[str]:
+            for _ in range(late_turns):
+                await asyncio.sleep(0)
+            return await batcher.predict(lambda: ["late"])
+
+        answers = await asyncio.gather(batcher.predict(lambda: ["first"]), late_request())
+        running.cancel()
+        return batch_sizes, answers
+
+    batch_sizes, answers = asyncio.run(scenario())
+    assert answers == [["first"], ["late"]]
+    assert batch_sizes == ([2] if gather_turns else [1, 1])

@@ -64,6 +64,9 @@ INLINE_PIXELS = 128 * 128
 """A request whose images declare at most this many pixels together (a few ms of work) is prepared by the
 batcher, just before the network reads it: handing it to the pool and back costs more (`benchmarks/load.py`)."""
 TOP_K = 3
+GATHER_TURNS = 8
+"""Event-loop turns the batcher lets pass before it takes a batch, so that requests the loop is reading
+join it; no timer, so an idle server answers at once (8 turns: 706 against 561 requests/s, benchmarks/README.md)."""
 STATIC_DIR = Path(str(resources.files("digitlab") / "static"))
 SETTINGS_ENVIRONMENT_VARIABLE = "DIGITLAB_SERVE_SETTINGS"
 API_KEY_ENVIRONMENT_VARIABLE = "DIGITLAB_API_KEY"
@@ -214,8 +217,9 @@ class Batcher:
     """Prepares and classifies the images of all requests waiting for the network, in one worker-thread call.
 
     While one batch runs (in a worker thread, so the server keeps accepting
-    requests), new requests queue up; when it finishes, all of them form the
-    next batch: their preparations run one after another, the pictures they
+    requests), new requests queue up; when it finishes, all of them, and those
+    that arrive within `GATHER_TURNS` turns of the event loop, form the next
+    batch: their preparations run one after another, the pictures they
     decoded are preprocessed together (`digitlab.preprocess.preprocess_many`),
     then one `classify` reads them all.
     """
@@ -233,6 +237,8 @@ class Batcher:
     async def run(self) -> None:
         while True:
             jobs = [await self.queue.get()]
+            for _ in range(GATHER_TURNS):
+                await asyncio.sleep(0)
             while not self.queue.empty():
                 jobs.append(self.queue.get_nowait())
             try:
