@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from digitlab.devices import DTYPES
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_epoch import cpu_model  # noqa: E402
 
 BATCH_SIZE = 32
 EPOCH_STEPS = 1875
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYERS = ((1, 16, 28), (16, 32, 26), (32, 64, 24), (64, 128, 22))  # in channels, out channels, input size
 
 
@@ -69,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, help="intra-op threads (default: PyTorch's choice)")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--precision", choices=tuple(DTYPES), default="fp32")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,9 +1,10 @@
 """Load benchmark for `digitlab serve`, side by side with its stack's ceiling.
 
 The ceiling is a bare FastAPI endpoint on the same uvicorn and HTTP protocol
-(one worker, access log on, Nagle off, like digitlab's) that reads the same multipart uploads and answers JSON
-without a model. Each round starts the ceiling server, then `digitlab serve`,
-each as a subprocess on a free 127.0.0.1 port, sends both the same `--requests`
+(one worker, access log on, Nagle off, like digitlab's) that reads the same
+multipart uploads and answers JSON without a model. Each round starts the
+ceiling server, then `digitlab serve`, each as a subprocess on a free 127.0.0.1
+port, sends both the same `--requests`
 POST /v1/predict requests (one MNIST test digit each, as a `--size`×`--size`
 black-on-white PNG, or JSON 28×28 pixel arrays) from `--concurrency` concurrent
 clients after a warm-up, and stops each with SIGTERM. It prints a table of the

@@ -481,7 +481,7 @@ def test_requests_the_loop_is_still_reading_join_the_batch(gather_turns, monkeyp
     """A request that reaches the batcher a few event-loop turns after another is in the same batch,
     as long as that is within GATHER_TURNS turns (none: a batch of its own)."""
     monkeypatch.setattr(serve_module, "GATHER_TURNS", gather_turns)
-    late_turns = serve_module.GATHER_TURNS - 2 if gather_turns else 2
+    late_turns = gather_turns - 2 if gather_turns else 2
 
     async def scenario() -> tuple[list[int], list[list[str]]]:
         batcher = serve_module.Batcher(recognizer=None)

@@ -138,21 +138,23 @@ def test_elastic_distortion_is_a_smooth_small_warp(mnist):
 
 def test_gaussian_blur_by_matrices_is_the_zero_padded_convolution():
     generator = torch.Generator().manual_seed(3)
-    images = torch.rand(5, 1, 28, 20, generator=generator)
-    sigma = 0.3 + 2 * torch.rand(5, 1, generator=generator)
     radius = 6
-    expected = []
-    for image, s in zip(images, sigma):
-        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1.0) / s) ** 2)
-        taps = taps / taps.sum()
-        rows = F.conv2d(image[None], taps.view(1, 1, 1, -1), padding=(0, radius))
-        expected.append(F.conv2d(rows, taps.view(1, 1, -1, 1), padding=(radius, 0))[0])
-    torch.testing.assert_close(_gaussian_blur(images, sigma), torch.stack(expected), rtol=0, atol=1e-6)
+    for width in (20, 28):  # one matrix for rows and columns when the images are square
+        images = torch.rand(5, 1, 28, width, generator=generator)
+        sigma = 0.3 + 2 * torch.rand(5, 1, generator=generator)
+        expected = []
+        for image, s in zip(images, sigma):
+            taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1.0) / s) ** 2)
+            taps = taps / taps.sum()
+            rows = F.conv2d(image[None], taps.view(1, 1, 1, -1), padding=(0, radius))
+            expected.append(F.conv2d(rows, taps.view(1, 1, -1, 1), padding=(radius, 0))[0])
+        torch.testing.assert_close(_gaussian_blur(images, sigma), torch.stack(expected), rtol=0, atol=1e-6)
     field = _smooth_displacement(3, 28, torch.Generator().manual_seed(5), torch.device("cpu"))
     noise = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(5)) * 2 - 1
     taps = torch.exp(-0.5 * (torch.arange(-12, 13.0) / 4.0) ** 2)
     taps = taps / taps.sum()
-    blurred = F.conv2d(F.conv2d(noise, taps.view(1, 1, 1, -1), padding=(0, 12)), taps.view(1, 1, -1, 1), padding=(12, 0))
+    rows = F.conv2d(noise, taps.view(1, 1, 1, -1), padding=(0, 12))
+    blurred = F.conv2d(rows, taps.view(1, 1, -1, 1), padding=(12, 0))
     torch.testing.assert_close(field, blurred.view(3, 2, 28, 28).permute(0, 2, 3, 1), rtol=0, atol=1e-6)
 
 

@@ -216,7 +216,7 @@ def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """N×1×H×W images each blurred by a Gaussian of σ `sigma[i]` pixels (N×1), zeros beyond the edges."""
     _, _, height, width = images.shape
     rows = _gaussian_matrices(width, sigma, _BLUR_RADIUS).unsqueeze(1)
-    columns = _gaussian_matrices(height, sigma, _BLUR_RADIUS).unsqueeze(1)
+    columns = rows if height == width else _gaussian_matrices(height, sigma, _BLUR_RADIUS).unsqueeze(1)
     return columns @ (images @ rows)
 
 
