@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import io
+import json
 import os
 import signal
 import socket
@@ -19,7 +21,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
-from serve_helpers import running_server
+from serve_helpers import free_port, running_server
 from uvicorn.server import ServerState
 
 from digitlab import serve as serve_module
@@ -258,8 +260,9 @@ def test_the_server_keeps_serving_after_errors(client, digits):
 def send_while_the_first_batch_runs(model_path, bodies, monkeypatch, poison_blank=False):
     """Send bodies[0], then the others while the model is busy with it; return batch sizes and responses.
 
-    serve's predict_images is wrapped: its first call waits until the other
-    requests are queued, and (with `poison_blank`) a batch holding a blank picture raises.
+    The app runs under uvicorn in a thread, each body on a connection of its own.
+    serve's classify is wrapped: its first call holds the event loop until the
+    other requests have been sent, and (with `poison_blank`) a batch holding a blank picture raises.
     """
     batch_sizes: list[int] = []
     release = threading.Event()
@@ -274,30 +277,40 @@ def send_while_the_first_batch_runs(model_path, bodies, monkeypatch, poison_blan
 
     monkeypatch.setattr(serve_module, "classify", gated_classify)
     app = serve_module.create_app(model_path)
-    responses: dict[int, httpx.Response] = {}
-    with TestClient(app, raise_server_exceptions=False) as client:
-
-        def send(index: int) -> None:
-            responses[index] = client.post("/v1/predict", json=bodies[index])
-
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
-        threads[0].start()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, http=serve_module.ServiceProtocol, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
         deadline = time.monotonic() + 20
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=20) for _ in bodies]
+        for connection in connections:  # connected and accepted before the first batch holds the loop
+            connection.request("GET", "/healthz")
+            connection.getresponse().read()
+
+        def send(connection: http.client.HTTPConnection, body: dict) -> None:
+            connection.request("POST", "/v1/predict", json.dumps(body), {"Content-Type": "application/json"})
+
+        send(connections[0], bodies[0])
         while not batch_sizes and time.monotonic() < deadline:
             time.sleep(0.01)
-        for thread in threads[1:]:
-            thread.start()
-        while app.state.service.batcher.queue.qsize() < len(bodies) - 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        for connection, body in zip(connections[1:], bodies[1:]):
+            send(connection, body)  # in the server's socket buffers when this returns
         release.set()
-        for thread in threads:
-            thread.join(20)
-    return batch_sizes, [responses[i] for i in range(len(bodies))]
+        answers = [connection.getresponse() for connection in connections]
+        responses = [httpx.Response(answer.status, content=answer.read()) for answer in answers]
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(20)
+    return batch_sizes, responses
 
 
 def test_requests_that_arrive_together_are_batched(bundled_model_path, digits, monkeypatch):
-    """While one batch runs, the requests that arrive form the next batch, their pictures preprocessed
-    together; each gets its own answers."""
+    """While one batch runs, the requests that arrive wait, then form the next batch, their pictures
+    preprocessed together; each gets its own answers."""
     x, _ = digits
     bodies = [{"images": [x[i].tolist()]} for i in range(5)] + [{"images": [x[5].tolist(), x[6].tolist()]}]
     preprocessed_together = []
@@ -506,3 +519,27 @@ def test_requests_the_loop_is_still_reading_join_the_batch(gather_turns, monkeyp
     batch_sizes, answers = asyncio.run(scenario())
     assert answers == [["first"], ["late"]]
     assert batch_sizes == ([2] if gather_turns else [1, 1])
+
+
+@pytest.mark.parametrize("batch_requests", [2, serve_module.BATCH_REQUESTS])
+def test_a_batch_takes_at_most_batch_requests_requests(batch_requests, monkeypatch):
+    """Requests waiting together form batches of at most BATCH_REQUESTS, in the order they came."""
+    monkeypatch.setattr(serve_module, "BATCH_REQUESTS", batch_requests)
+
+    async def scenario() -> tuple[list[list[int]], list[list[int]]]:
+        batcher = serve_module.Batcher(recognizer=None)
+        batches: list[list[int]] = []
+
+        def prepare_and_classify(preparations):
+            batches.append([prepare()[0] for prepare in preparations])
+            return [[number] for number in batches[-1]]
+
+        batcher.prepare_and_classify = prepare_and_classify
+        running = asyncio.create_task(batcher.run())
+        answers = await asyncio.gather(*(batcher.predict(lambda number=number: [number]) for number in range(5)))
+        running.cancel()
+        return batches, answers
+
+    batches, answers = asyncio.run(scenario())
+    assert answers == [[number] for number in range(5)]
+    assert batches == ([[0, 1], [2, 3], [4]] if batch_requests == 2 else [[0, 1, 2, 3, 4]])

@@ -7,8 +7,9 @@ then `classify`). A large request's images are decoded and preprocessed one
 after another in a pool of threads (one per core), within a pixel cap and a time
 budget, so it never stalls small ones. A request of small pictures is decoded
 by the batcher instead, which preprocesses the pictures of all requests waiting
-for the network together and classifies them in one batch: a hop to the pool
-costs more than their preparation.
+for the network together and classifies them in one batch, on the event loop's
+own thread: a hop to the pool, or to a thread of its own, costs more than their
+preparation.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ TOP_K = 3
 GATHER_TURNS = 8
 """Event-loop turns the batcher lets pass before it takes a batch, so that requests the loop is reading
 join it; no timer, so an idle server answers at once (8 turns: 706 against 561 requests/s, benchmarks/README.md)."""
+BATCH_REQUESTS = 16
+"""The most requests one batch takes: the event loop waits while a batch runs (about half a millisecond a
+picture), so a batch is kept to tens of milliseconds; the requests beyond it form the next one."""
 STATIC_DIR = Path(str(resources.files("digitlab") / "static"))
 SETTINGS_ENVIRONMENT_VARIABLE = "DIGITLAB_SERVE_SETTINGS"
 API_KEY_ENVIRONMENT_VARIABLE = "DIGITLAB_API_KEY"
@@ -214,14 +218,16 @@ Preparation = Callable[[], list[ImagePrediction] | list[Picture]]
 
 
 class Batcher:
-    """Prepares and classifies the images of all requests waiting for the network, in one worker-thread call.
+    """Prepares and classifies the images of all requests waiting for the network, together, on the event loop.
 
-    While one batch runs (in a worker thread, so the server keeps accepting
-    requests), new requests queue up; when it finishes, all of them, and those
-    that arrive within `GATHER_TURNS` turns of the event loop, form the next
-    batch: their preparations run one after another, the pictures they
-    decoded are preprocessed together (`digitlab.preprocess.preprocess_many`),
-    then one `classify` reads them all.
+    A batch runs on the event loop's own thread: in a worker thread it shared
+    Python's lock with the loop, and handing it back and forth cost more than the
+    batch (953 against 854 requests/s with two workers, benchmarks/README.md). While a batch
+    runs, new requests wait in their connections; when it finishes, the loop
+    reads them, and those that reach the batcher within `GATHER_TURNS` turns of
+    the loop (up to `BATCH_REQUESTS`) form the next batch: their preparations
+    run one after another, the pictures they decoded are preprocessed together
+    (`digitlab.preprocess.preprocess_many`), then one `classify` reads them all.
     """
 
     def __init__(self, recognizer: DigitRecognizer) -> None:
@@ -239,10 +245,10 @@ class Batcher:
             jobs = [await self.queue.get()]
             for _ in range(GATHER_TURNS):
                 await asyncio.sleep(0)
-            while not self.queue.empty():
+            while not self.queue.empty() and len(jobs) < BATCH_REQUESTS:
                 jobs.append(self.queue.get_nowait())
             try:
-                outcomes = await run_in_threadpool(self.prepare_and_classify, [prepare for prepare, _ in jobs])
+                outcomes = self.prepare_and_classify([prepare for prepare, _ in jobs])
             except Exception as error:
                 outcomes = [error] * len(jobs)
             for (_, future), outcome in zip(jobs, outcomes):
