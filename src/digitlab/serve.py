@@ -168,7 +168,8 @@ class RequestGuard:
             if complete:  # the body is in: later calls only wait for a disconnect
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), self.limits.client_timeout)
+                async with asyncio.timeout(self.limits.client_timeout):  # no task per message, as wait_for makes
+                    message = await receive()
             except TimeoutError:
                 raise ClientTooSlow from None
             received += len(message.get("body", b""))
