@@ -14,7 +14,7 @@ cuDNN:
 
 Each time is the wall time of the training call (the data already on the GPU),
 median of --repeats runs; the test accuracy comes from the trained weights.
-With --best-seeds it also trains the best recipe (20 epochs, the last 10% of the
+With --best-seeds it also trains the best recipe (its epochs, the last 10% of the
 training set held out for validation, as the bundled model was) once per seed.
 
     DIGITLAB_DATA_DIR=/path/to/mnist python benchmarks/gpu_epoch.py --repeats 2 --best-seeds 0 1 2
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from digitlab import devices
+from digitlab.config import BEST_RECIPE
 from digitlab.data import load_mnist
 from digitlab.evaluate import evaluate_sharded
 from digitlab.model import build_model
@@ -160,7 +161,7 @@ def main() -> None:
         print(f"{variant:<22} {seconds:>8.2f} {each:>16} {ratio:>9} {shown:>10} {mine[-1]['test_accuracy']:>9.4f}")
     best = [r for r in best if "error" not in r]
     if best:
-        print(f"Best recipe (20 epochs, batch 128, validation on the last 10%), the captured step, "
+        print(f"Best recipe ({BEST_RECIPE['epochs']} epochs, batch 128, validation on the last 10%), the captured step, "
               f"--precision {args.best_precision}:")  # fmt: skip
         for r in best:
             print(f"  seed {r['seed']}: {r['seconds']:.1f} s, validation {r['val_accuracy']:.4f}, "

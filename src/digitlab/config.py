@@ -17,7 +17,7 @@ SCHEDULES = ("constant", "onecycle", "cosine")
 # The lab: SGD at 0.1 without momentum, batch 32, one epoch (TrainConfig's defaults).
 # The best recipe: same network, settings chosen on a validation split (benchmarks/tune_best.py, README).
 BEST_RECIPE: dict[str, Any] = {
-    "epochs": 20,
+    "epochs": 16,
     "batch_size": 128,
     "lr": 0.2,
     "momentum": 0.9,
@@ -27,7 +27,7 @@ BEST_RECIPE: dict[str, Any] = {
     "schedule": "onecycle",
     "augment": True,
     "elastic": 34.0,
-    "clean_epochs": 5,
+    "clean_epochs": 4,
     "input_size": 18,
 }
 # The robust recipe: the best one, and pictures as other scanners and pens give them (low resolution,
