@@ -489,6 +489,23 @@ def test_connections_send_without_waiting_for_acknowledgements():
             loop.close()
 
 
+async def run_recording_batcher(*requests):
+    """Run a Batcher whose network is a stub on the coroutines `requests(batcher)` make together; return
+    their answers and the answers of each batch it took (each request's preparation returns its answer)."""
+    batcher = serve_module.Batcher(recognizer=None)
+    batches: list[list] = []
+
+    def prepare_and_classify(preparations):
+        batches.append([list(prepare()) for prepare in preparations])
+        return batches[-1]
+
+    batcher.prepare_and_classify = prepare_and_classify
+    running = asyncio.create_task(batcher.run())
+    answers = await asyncio.gather(*(request(batcher) for request in requests))
+    running.cancel()
+    return answers, batches
+
+
 @pytest.mark.parametrize("gather_turns", [0, serve_module.GATHER_TURNS])
 def test_requests_the_loop_is_still_reading_join_the_batch(gather_turns, monkeypatch):
     """A request that reaches the batcher a few event-loop turns after another is in the same batch,
@@ -496,50 +513,25 @@ def test_requests_the_loop_is_still_reading_join_the_batch(gather_turns, monkeyp
     monkeypatch.setattr(serve_module, "GATHER_TURNS", gather_turns)
     late_turns = gather_turns - 2 if gather_turns else 2
 
-    async def scenario() -> tuple[list[int], list[list[str]]]:
-        batcher = serve_module.Batcher(recognizer=None)
-        batch_sizes: list[int] = []
+    async def late_request(batcher) -> list[str]:
+        for _ in range(late_turns):
+            await asyncio.sleep(0)
+        return await batcher.predict(lambda: ["late"])
 
-        def prepare_and_classify(preparations):
-            batch_sizes.append(len(preparations))
-            return [list(prepare()) for prepare in preparations]
+    def first_request(batcher):
+        return batcher.predict(lambda: ["first"])
 
-        batcher.prepare_and_classify = prepare_and_classify
-        running = asyncio.create_task(batcher.run())
-
-        async def late_request() -> list[str]:
-            for _ in range(late_turns):
-                await asyncio.sleep(0)
-            return await batcher.predict(lambda: ["late"])
-
-        answers = await asyncio.gather(batcher.predict(lambda: ["first"]), late_request())
-        running.cancel()
-        return batch_sizes, answers
-
-    batch_sizes, answers = asyncio.run(scenario())
+    answers, batches = asyncio.run(run_recording_batcher(first_request, late_request))
     assert answers == [["first"], ["late"]]
-    assert batch_sizes == ([2] if gather_turns else [1, 1])
+    assert [len(batch) for batch in batches] == ([2] if gather_turns else [1, 1])
 
 
 @pytest.mark.parametrize("batch_requests", [2, serve_module.BATCH_REQUESTS])
 def test_a_batch_takes_at_most_batch_requests_requests(batch_requests, monkeypatch):
     """Requests waiting together form batches of at most BATCH_REQUESTS, in the order they came."""
     monkeypatch.setattr(serve_module, "BATCH_REQUESTS", batch_requests)
-
-    async def scenario() -> tuple[list[list[int]], list[list[int]]]:
-        batcher = serve_module.Batcher(recognizer=None)
-        batches: list[list[int]] = []
-
-        def prepare_and_classify(preparations):
-            batches.append([prepare()[0] for prepare in preparations])
-            return [[number] for number in batches[-1]]
-
-        batcher.prepare_and_classify = prepare_and_classify
-        running = asyncio.create_task(batcher.run())
-        answers = await asyncio.gather(*(batcher.predict(lambda number=number: [number]) for number in range(5)))
-        running.cancel()
-        return batches, answers
-
-    batches, answers = asyncio.run(scenario())
+    requests = [lambda batcher, number=number: batcher.predict(lambda: [number]) for number in range(5)]
+    answers, batches = asyncio.run(run_recording_batcher(*requests))
     assert answers == [[number] for number in range(5)]
-    assert batches == ([[0, 1], [2, 3], [4]] if batch_requests == 2 else [[0, 1, 2, 3, 4]])
+    numbers = [[answer[0] for answer in batch] for batch in batches]
+    assert numbers == ([[0, 1], [2, 3], [4]] if batch_requests == 2 else [[0, 1, 2, 3, 4]])

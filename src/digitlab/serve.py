@@ -450,7 +450,7 @@ async def predict_endpoint(
 
 
 async def in_pool(service: Service, function: Callable[..., T], *args: Any) -> T:
-    """Run `function(*args)` in the service's preprocessing pool, off the event loop and the batcher."""
+    """Run `function(*args)` in the service's preprocessing pool, off the event loop (where the batcher runs)."""
     return await asyncio.get_running_loop().run_in_executor(service.pool, function, *args)
 
 
