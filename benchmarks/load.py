@@ -11,8 +11,15 @@ clients after a warm-up, and stops each with SIGTERM. It prints a table of the
 medians over `--rounds` rounds: requests/s, p50 and p99 latency, errors, and
 the machine (CPU model, cores, whether bf16 is native).
 
+With `--breakdown`, two more one-worker servers run in each round: `digitlab
+serve` with its preprocessing replaced by a plain 28×28 resize, and with the
+network taken out as well (every answer is then 0). Their rows show what the
+preprocessing and the network cost a request, and what the service could reach
+without them.
+
     python benchmarks/load.py                       # 2,000 requests, 16 clients, 3 rounds
     python benchmarks/load.py --workers 2 --payload json
+    python benchmarks/load.py --breakdown
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from starlette.datastructures import UploadFile
 
 from digitlab.data import load_mnist
 from digitlab.errors import DigitlabError
+from digitlab.preparation import ImagePrediction
 
 
 def free_port() -> int:
@@ -94,6 +102,27 @@ def serve_ceiling(port: int) -> None:
     from digitlab.serve import ServiceProtocol  # the same HTTP/1.1 protocol as digitlab's (no Nagle delay)
 
     uvicorn.run(ceiling_app(), host="127.0.0.1", port=port, log_level="info", http=ServiceProtocol)
+
+
+STRIPPED = {"preprocessing": "digitlab, resize only", "network": "digitlab, resize, no network"}
+"""What `--breakdown` takes out of `digitlab serve`, and its rows' names."""
+
+
+def serve_stripped(parts: str, port: int) -> None:
+    """`digitlab serve` (one worker) with its preprocessing replaced by a plain resize to 28×28 and, for
+    `parts` "network", its network by zero logits: the cost of a request without them."""
+    import torch
+
+    from digitlab import inference, serve
+
+    def resized(pictures: list[tuple[str, Image.Image]]) -> list[ImagePrediction]:
+        return [ImagePrediction(source=name, image=np.asarray(picture.convert("L").resize((28, 28)), np.float32) / 255)
+                for name, picture in pictures]  # fmt: skip
+
+    serve.prepare_pictures = resized
+    if parts == "network":
+        inference.batched_logits = lambda model, images, **options: torch.zeros(len(images), 10)
+    serve.serve(port=port)
 
 
 def start_server(command: list[str], port: int, log: Path) -> subprocess.Popen:
@@ -246,12 +275,20 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="side of the PNG uploads in pixels (default 64)")
     parser.add_argument("--model", help="model file (default: the bundled model)")
     parser.add_argument("--data-dir", help="MNIST directory (default: digitlab's data directory)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also run digitlab (one worker) without its preprocessing, and without its network")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--serve-ceiling", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-stripped", nargs=2, metavar=("PARTS", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_ceiling:
         serve_ceiling(args.serve_ceiling)
         return
+    if args.serve_stripped:
+        serve_stripped(args.serve_stripped[0], int(args.serve_stripped[1]))
+        return
+    if args.breakdown and (args.payload != "png" or args.model):
+        parser.error("--breakdown needs PNG uploads and the bundled model")
 
     try:
         _, (x_test, y_test) = load_mnist(args.data_dir, download=False, progress=False)
@@ -266,6 +303,8 @@ def main() -> None:
 
     digitlab_name = f"digitlab ({args.workers} worker{'s' if args.workers > 1 else ''})"
     runs: dict[str, list[dict]] = {"ceiling (bare FastAPI)": [], digitlab_name: []}
+    stripped = {parts: f"{name} (1 worker)" for parts, name in STRIPPED.items()} if args.breakdown else {}
+    runs.update({name: [] for name in stripped.values()})
     for _ in range(args.rounds):
         port = free_port()
         ceiling = [sys.executable, __file__, "--serve-ceiling", str(port)]
@@ -274,6 +313,10 @@ def main() -> None:
         digitlab = [sys.executable, "-m", "digitlab", "serve", "--port", str(port), "--workers", str(args.workers)]
         digitlab += ["--model", args.model] if args.model else []
         runs[digitlab_name].append(measure(digitlab, port, requests, args.concurrency))
+        for parts, name in stripped.items():
+            port = free_port()
+            command = [sys.executable, __file__, "--serve-stripped", parts, str(port)]
+            runs[name].append(measure(command, port, requests, args.concurrency))
 
     keys = ("requests_per_second", "p50_ms", "p99_ms", "errors", "server_cpu_ms_per_request", "client_cpu_ms_per_request")
     table = {name: {key: float(np.median([run[key] for run in results])) for key in keys}
@@ -291,11 +334,14 @@ def main() -> None:
     print(f"machine: {machine()}")
     payload = f"{args.size}×{args.size} PNG uploads" if args.payload == "png" else "JSON 28×28 arrays"
     print(f"{args.requests} requests ({payload}) from {args.concurrency} clients, medians of {args.rounds} rounds")
-    print(f"{'server':<26}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'server CPU ms/req':>19}"
-          f"{'client CPU ms/req':>19}")  # fmt: skip
+    width = max(map(len, table)) + 2
+    ceiling = table["ceiling (bare FastAPI)"]["requests_per_second"]
+    print(f"{'server':<{width}}{'req/s':>8}{'of ceiling':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'server CPU ms/req':>19}{'client CPU ms/req':>19}")  # fmt: skip
     for name, row in table.items():
-        print(f"{name:<26}{row['requests_per_second']:>8.0f}{row['p50_ms']:>9.1f}{row['p99_ms']:>9.1f}"
-              f"{row['errors']:>8.0f}{row['server_cpu_ms_per_request']:>19.2f}{row['client_cpu_ms_per_request']:>19.2f}")  # fmt: skip
+        print(f"{name:<{width}}{row['requests_per_second']:>8.0f}{row['requests_per_second'] / ceiling:>11.2f}"
+              f"{row['p50_ms']:>9.1f}{row['p99_ms']:>9.1f}{row['errors']:>8.0f}"
+              f"{row['server_cpu_ms_per_request']:>19.2f}{row['client_cpu_ms_per_request']:>19.2f}")  # fmt: skip
     print(f"digitlab reaches {ratio:.2f} of the ceiling's requests/s; its predictions agree with the labels "
           f"for {agreement:.2%}; digitlab's exit statuses after SIGTERM: {exits}")  # fmt: skip
 

@@ -28,7 +28,7 @@ from digitlab import serve as serve_module
 from digitlab.cli import main
 from digitlab.predict import classify, predict_images
 from digitlab.preparation import prepare_chunk
-from digitlab.serve_workers import SPREADS_CONNECTIONS
+from digitlab.serve_workers import SPREADS_CONNECTIONS, worker_cores
 
 
 def png_bytes(pixels: np.ndarray, dark_on_light: bool = True, scale: int = 2) -> bytes:
@@ -437,14 +437,31 @@ def test_workers_share_a_burst_of_keep_alive_connections(bundled_model_path, tmp
     assert len(workers) == 2 and sum(held) == 48 and min(held) >= 8, held
 
 
+def test_workers_keep_to_a_core_each_when_there_are_enough(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5, 0, 2})
+    assert worker_cores(1) == [{0}]
+    assert worker_cores(3) == [{0}, {2}, {5}]
+    assert worker_cores(4) == [None] * 4  # fewer cores than workers: all may use all
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert worker_cores(2) == [None, None]  # no CPU affinity on this system
+
+
+def cores_of(workers: list[int]) -> list[set[int]]:
+    return [os.sched_getaffinity(pid) for pid in workers]
+
+
 @pytest.mark.slow
 def test_a_worker_that_dies_is_replaced(bundled_model_path, tmp_path, digits):
-    """Once serving: a worker that fails before it serves stops the service instead (it would fail again)."""
+    """Once serving: a worker that fails before it serves stops the service instead (it would fail again).
+    Each worker keeps to its own core (where there are two), and its replacement to the same one."""
+    expected = [cores or os.sched_getaffinity(0) for cores in worker_cores(2)]
     with running_server(bundled_model_path, tmp_path, "--workers", "2") as server:
         deadline = time.monotonic() + 60
         while server.output().count("Application startup complete") < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         first = worker_processes(server.process.pid)
+        assert sorted(map(sorted, cores_of(first))) == sorted(map(sorted, expected))
+        core_of_the_killed = cores_of(first)[0]
         os.kill(first[0], signal.SIGKILL)
         deadline = time.monotonic() + 60  # a new worker starts as slowly as the first ones
         while time.monotonic() < deadline:
@@ -453,6 +470,10 @@ def test_a_worker_that_dies_is_replaced(bundled_model_path, tmp_path, digits):
                 break
             time.sleep(0.2)
         assert len(now) == 2 and first[0] not in now and first[1] in now
+        replacement = next(pid for pid in now if pid != first[1])
+        while cores_of([replacement])[0] != core_of_the_killed and time.monotonic() < deadline:
+            time.sleep(0.2)  # the new process keeps to its core as soon as it runs digitlab's code
+        assert cores_of([replacement])[0] == core_of_the_killed
         files = {"files": ("seven.png", png_bytes(digits[0][0]), "image/png")}
         for _ in range(8):  # new connections, hashed to either worker
             response = httpx.post(f"{server.url}/v1/predict", files=files, timeout=60)

@@ -6,6 +6,10 @@ wake-up), so a burst of keep-alive clients lands on one worker while the others
 idle: with 16 clients, one of two workers did 84% of the work. Here each
 worker gets its own socket on the same port with SO_REUSEPORT (Linux), and the
 kernel spreads new connections over them. Elsewhere the workers share one socket.
+
+Where the system allows it (Linux), each worker also keeps to a core of its own
+(`worker_cores`): left to wander, two workers and their clients on two cores
+spent a tenth more CPU time a request (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -75,8 +79,22 @@ class _ReportingServer(uvicorn.Server):
             self.ready.set()
 
 
-def _serve(config: uvicorn.Config, listener: socket.socket, ready: EventType) -> None:
-    """A worker process: uvicorn's logging set up anew (a spawned process starts without it), then serve."""
+def worker_cores(workers: int) -> list[set[int] | None]:
+    """The cores each worker keeps to: one each in turn from those this process may use, or None for all
+    (fewer cores than workers, or a system without CPU affinity)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return [None] * workers
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        return [None] * workers
+    return [{cores[index]} for index in range(workers)]
+
+
+def _serve(config: uvicorn.Config, listener: socket.socket, ready: EventType, cores: set[int] | None) -> None:
+    """A worker process: kept to its cores, uvicorn's logging set up anew (a spawned process starts without
+    it), then serve."""
+    if cores is not None:
+        os.sched_setaffinity(0, cores)
     config.configure_logging()
     _ReportingServer(config, ready).run(sockets=[listener])
 
@@ -88,10 +106,11 @@ def run_workers(config: uvicorn.Config, sockets: list[socket.socket]) -> None:
     context = multiprocessing.get_context("spawn")
     stop = threading.Event()
     ready = [context.Event() for _ in sockets]
+    cores = worker_cores(len(sockets))
 
     def start(index: int) -> multiprocessing.process.BaseProcess:
         ready[index].clear()
-        process = context.Process(target=_serve, args=(config, sockets[index], ready[index]))
+        process = context.Process(target=_serve, args=(config, sockets[index], ready[index], cores[index]))
         process.start()
         return process
 
