@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from digitlab.devices import DTYPES
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_epoch import cpu_model  # noqa: E402
+from digitlab.runs import cpu_name
 
 BATCH_SIZE = 32
 EPOCH_STEPS = 1875
@@ -75,7 +71,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"CPU: {cpu_model()}, torch {torch.__version__}, "
+    print(f"CPU: {cpu_name()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.precision}, channels-last, batch {BATCH_SIZE}")  # fmt: skip
     print(f"{'layer':<10} {'MFLOP':>7} {'forward':>16} {'weight grad':>16} {'input grad':>16}")
     step_seconds = 0.0

@@ -309,16 +309,6 @@ def tensorflow_importable(python: str) -> bool:
     return check.returncode == 0
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def summarize(variant: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median, min and max over the repeats that succeeded, and the first error if any failed."""
     good = [run for run in runs if "error" not in run]
@@ -392,7 +382,9 @@ def format_table(summaries: list[dict[str, Any]], floor: dict[str, Any] | None, 
 
 
 def machine_lines(summaries: list[dict[str, Any]], load_before: tuple[float, ...], load_after: tuple[float, ...]) -> list[str]:
-    lines = [f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}"]
+    from digitlab.runs import cpu_name
+
+    lines = [f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}"]
     frameworks = {}
     for s in summaries:
         if s.get("framework"):
@@ -406,6 +398,7 @@ def machine_lines(summaries: list[dict[str, Any]], load_before: tuple[float, ...
 
 def run_parent(args: argparse.Namespace) -> None:
     from digitlab.data import load_mnist
+    from digitlab.runs import cpu_name
 
     if args.steps and args.warmup + args.steps > EPOCH_STEPS:
         sys.exit(f"--warmup + --steps must be at most {EPOCH_STEPS}, got {args.warmup + args.steps}")
@@ -446,7 +439,7 @@ def run_parent(args: argparse.Namespace) -> None:
     if args.json:
         record = {
             "settings": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads},
-            "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "load_before": load_before, "load_after": load_after},
+            "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "load_before": load_before, "load_after": load_after},
             "floor": floor,
             "summaries": summaries,
             "runs": runs,

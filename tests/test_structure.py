@@ -1,11 +1,14 @@
-"""The package's shape: no import cycle among its modules, no function longer than a screen."""
+"""The package's shape: no import cycle among its modules, no function longer than a screen, no benchmark
+importing a name that is gone."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "digitlab"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 MAX_FUNCTION_LINES = 80
 
 
@@ -87,3 +90,51 @@ def long_functions() -> list[str]:
 
 def test_no_function_in_src_is_longer_than_80_lines():
     assert long_functions() == []
+
+
+def defined_names(path: Path) -> set[str]:
+    """The names a module defines or imports at its top level."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names |= {target.id for target in node.targets if isinstance(target, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return names
+
+
+def exists(module_name: str, name: str) -> bool:
+    module = importlib.import_module(module_name)
+    if hasattr(module, name):
+        return True
+    try:
+        importlib.import_module(f"{module_name}.{name}")
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
+def test_every_name_a_benchmark_imports_from_digitlab_or_another_benchmark_exists():
+    """The benchmarks are run by hand, not by the tests: a name a change removed would break one unseen
+    (imports inside functions included)."""
+    siblings = {path.stem: path for path in BENCHMARKS.glob("*.py")}
+    checked, missing = 0, []
+    for path in sorted(siblings.values()):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or node.level or not node.module:
+                continue
+            for alias in node.names:
+                if node.module.split(".")[0] == "digitlab":
+                    found = exists(node.module, alias.name)
+                elif node.module in siblings:
+                    found = alias.name in defined_names(siblings[node.module])
+                else:
+                    continue
+                checked += 1
+                if not found:
+                    missing.append(f"{path.name}: from {node.module} import {alias.name}")
+    assert checked >= 20 and not missing, missing

@@ -81,14 +81,24 @@ def environment() -> dict[str, Any]:
     }
 
 
+KERNEL_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+"""Environment variables that keep PyTorch's CPU kernels to older instruction sets (`ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2`: an AVX2-class run on a newer CPU, benchmarks/README.md)."""
+
+
 def cpu_name() -> str:
+    """The CPU's model name, followed by the kernel limits the environment sets, if any: a figure measured
+    under them is not that CPU's own."""
+    name = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return platform.processor()
+    limits = [f"{variable}={os.environ[variable]}" for variable in KERNEL_LIMITS if os.environ.get(variable)]
+    return f"{name} (kernels limited by {' '.join(limits)})" if limits else name
 
 
 def array_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
