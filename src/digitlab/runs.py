@@ -89,7 +89,7 @@ ONEDNN_MAX_CPU_ISA=AVX2`: an AVX2-class run on a newer CPU, benchmarks/README.md
 def cpu_name() -> str:
     """The CPU's model name, followed by the kernel limits the environment sets, if any: a figure measured
     under them is not that CPU's own."""
-    name = platform.processor()
+    name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

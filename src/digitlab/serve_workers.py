@@ -8,8 +8,8 @@ worker gets its own socket on the same port with SO_REUSEPORT (Linux), and the
 kernel spreads new connections over them. Elsewhere the workers share one socket.
 
 Where the system allows it (Linux), each worker also keeps to a core of its own
-(`worker_cores`): left to wander, two workers and their clients on two cores
-spent a tenth more CPU time a request (benchmarks/README.md).
+(`worker_cores`): left to wander, two workers beside their clients on two cores
+answered 9% fewer requests a second (benchmarks/README.md).
 """
 
 from __future__ import annotations
