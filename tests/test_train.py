@@ -25,7 +25,7 @@ from digitlab.errors import DigitlabError
 from digitlab.evaluate import evaluate
 from digitlab.live import read_records
 from digitlab.model import Resizing, as_model_input, build_model
-from digitlab.runs import cpu_name, run_training
+from digitlab.runs import KERNEL_LIMITS, cpu_name, run_training
 from digitlab.serialization import FORMAT, load_model
 from digitlab.train import (
     Checkpoints,
@@ -663,7 +663,7 @@ def test_a_resumed_run_keeps_its_weight_average(mnist, tmp_path):
 
 def test_the_cpu_name_says_when_the_environment_limits_the_kernels(monkeypatch):
     """A figure measured with PyTorch's kernels kept to AVX2 on a newer CPU must not pass for that CPU's own."""
-    for variable in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
+    for variable in KERNEL_LIMITS:
         monkeypatch.delenv(variable, raising=False)
     plain = cpu_name()
     assert "limited" not in plain
