@@ -94,8 +94,8 @@ def run_variant(variant: str, mnist, device: torch.device) -> dict[str, Any]:
 def run_best(seed: int, mnist, device: torch.device, precision: str = "auto") -> dict[str, Any]:
     """The best recipe, validated on the last 10% of the training set, as the bundled model was trained."""
     (x_train, y_train), (x_test, y_test) = mnist
-    model = build_model(seed=seed)
     config = TrainConfig.from_recipe("best", seed=seed, device=str(device), precision=precision)
+    model = build_model(seed=seed, input_size=config.input_size)
     start = time.perf_counter()
     history = train(model, x_train, y_train, config, validation_split=0.1, progress=False)
     seconds = time.perf_counter() - start
@@ -159,19 +159,22 @@ def main() -> None:
         train_accuracy = mine[-1]["train_accuracy"]
         shown = f"{train_accuracy:.4f}" if train_accuracy is not None else "-"
         print(f"{variant:<22} {seconds:>8.2f} {each:>16} {ratio:>9} {shown:>10} {mine[-1]['test_accuracy']:>9.4f}")
-    best = [r for r in best if "error" not in r]
-    if best:
+    failures = [r for r in runs + best if "error" in r]
+    trained = [r for r in best if "error" not in r]
+    if trained:
         print(f"Best recipe ({BEST_RECIPE['epochs']} epochs, batch 128, validation on the last 10%), the captured step, "
               f"--precision {args.best_precision}:")  # fmt: skip
-        for r in best:
+        for r in trained:
             print(f"  seed {r['seed']}: {r['seconds']:.1f} s, validation {r['val_accuracy']:.4f}, "
                   f"test {r['test_accuracy']:.4f}")  # fmt: skip
-        tests = [r["test_accuracy"] for r in best]
+        tests = [r["test_accuracy"] for r in trained]
         print(f"  test accuracy mean {np.mean(tests):.4f}, range {min(tests):.4f}-{max(tests):.4f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"device": name, "torch": torch.__version__,
                                         "runs": runs, "best": best}, indent=1))  # fmt: skip
+    if failures:
+        raise SystemExit(f"{len(failures)} run(s) failed: their errors are printed above")
 
 
 if __name__ == "__main__":
