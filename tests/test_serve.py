@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import http.client
 import io
 import json
@@ -61,6 +62,13 @@ def digits(mnist):
     """The first 40 MNIST test digits and their labels."""
     _, (x_test, y_test) = mnist
     return x_test[:40], y_test[:40]
+
+
+def test_a_running_app_keeps_its_startup_objects_out_of_the_collectors_sight(app):
+    with TestClient(app):
+        frozen = gc.get_freeze_count()
+    assert frozen > 10_000  # the imports' and the model's objects
+    assert gc.get_freeze_count() == 0  # given back to the collector when the app stops
 
 
 def test_health_and_readiness(client, bundled_model_path, digits):
