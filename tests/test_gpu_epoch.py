@@ -9,6 +9,8 @@ import sys
 
 from conftest import REPO_ROOT, mnist_dir
 
+from digitlab.config import BEST_RECIPE
+
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu_epoch.py"
 
 
@@ -25,4 +27,4 @@ def test_the_smoke_run_trains_each_variant_and_the_best_recipe(tmp_path):
     assert "error" not in best and best["seed"] == 0
     for run in [*figures["runs"], best]:
         assert run["seconds"] > 0 and 0 <= run["test_accuracy"] <= 1
-    assert "Best recipe (16 epochs" in finished.stdout
+    assert f"Best recipe ({BEST_RECIPE['epochs']} epochs" in finished.stdout
