@@ -197,18 +197,14 @@ def test_medians_are_numpys_to_the_bit():
                 assert pp._median(values[0], likely) == expected[0]
 
 
-def test_neighbourhood_extremes_match_the_nine_shifts():
+def test_neighbourhood_maximum_matches_the_nine_shifts():
     rng = np.random.default_rng(3)
     for shape in ((1, 1), (1, 5), (4, 1), (7, 9), (30, 40)):
         values = rng.random(shape, dtype=np.float32)
         height, width = shape
-        padded = pp._pad_one(values, reflect=False)
+        padded = np.pad(values, 1, mode="edge")
         shifts = [padded[r : r + height, c : c + width] for r in range(3) for c in range(3)]
         assert np.array_equal(pp._neighbourhood_max(values), np.max(shifts, axis=0))
-        assert np.array_equal(pp._neighbourhood_max(values > 0.7), np.max(shifts, axis=0) > 0.7)
-        ring = [shift for index, shift in enumerate(shifts) if index != 4]
-        assert np.array_equal(pp._ring_extreme(padded, np.maximum), np.max(ring, axis=0))
-        assert np.array_equal(pp._ring_extreme(padded, np.minimum), np.min(ring, axis=0))
 
 
 def test_the_outer_band_is_the_pixels_near_the_edges():

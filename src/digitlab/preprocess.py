@@ -47,8 +47,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from scipy import ndimage
 
+from digitlab import pixel_loops
 from digitlab.errors import DigitlabError
 
 MAX_PIXELS = 12_000_000
@@ -61,6 +61,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 
 FIELD_SIZE = 28
 BOX_SIZE = 20
+FIT_PAD = 2
 WORKING_SIZE = 512
 MIN_CONTRAST = 0.08
 MIN_INK_LEVEL = 0.1
@@ -75,10 +76,6 @@ CROP_MARGIN = 0.15
 NO_INK_MESSAGE = "no ink found in the image: it is blank or has too little contrast; crop it to the digit"
 MULTIPLE_DIGITS_WARNING = "may contain more than one digit"
 LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
-"""Pixels touching by a side or a corner belong to one piece of ink."""
-PIECES_IN_A_STACK = np.stack([np.zeros_like(EIGHT_NEIGHBOURS), EIGHT_NEIGHBOURS, np.zeros_like(EIGHT_NEIGHBOURS)])
-"""The same in a stack of pictures (N×H×W): no piece reaches from one picture into the next."""
 STACK_PIXELS = 1 << 20
 """`preprocess_many` puts pictures of one size through the array steps together, this many pixels at a time
 (4 MB of float32: 256 pictures of 64×64, four of the largest working size)."""
@@ -233,6 +230,15 @@ def preprocess_many(
     return outcomes  # type: ignore[return-value]  # every picture has its outcome now
 
 
+def compile_loops() -> None:
+    """Put a drawn digit through the pipeline, so that its compiled loops (`digitlab.pixel_loops`) are ready:
+    compiled now, or loaded from numba's cache where an earlier run left them, not on a user's first picture."""
+    rows, cols = np.mgrid[:64, :64]
+    ring = np.abs(np.hypot(rows - 32, cols - 30) - 18) < 4
+    ring[2:4, 60:62] = True  # a speck, to be removed
+    preprocess_many([np.where(ring, 0.1, 0.9).astype(np.float32)])  # dark ink on light paper
+
+
 def _preprocess_stack(
     grey: np.ndarray, original_shapes: list[tuple[int, ...]]
 ) -> list[tuple[np.ndarray, PreprocessReport] | DigitlabError]:
@@ -243,19 +249,18 @@ def _preprocess_stack(
     boxes, inked = _ink_boxes(inks)
     sharpened = _sharpen(inks, boxes, inked)
     sharp_boxes, sharp_inked = _ink_boxes(sharpened)
+    digits, placed = pixel_loops.digit_fields(
+        sharpened, sharp_boxes, inked & sharp_inked, CROP_MARGIN, BOX_SIZE, FIT_PAD, FIELD_SIZE
+    )
     height, width = inks.shape[-2:]
     outcomes: list[tuple[np.ndarray, PreprocessReport] | DigitlabError] = []
     for index, (original_height, original_width) in enumerate(original_shapes):
-        if not (inked[index] and sharp_inked[index]):
+        if not placed[index]:
             outcomes.append(DigitlabError(NO_INK_MESSAGE))
             continue
         top, left, bottom, right = (int(side) for side in boxes[index])
         multiple = _several_digits((top, left, bottom, right), pieces[index])
-        try:
-            digit = center_by_mass(_fit(*_crop(sharpened[index], sharp_boxes[index])))
-        except DigitlabError as error:
-            outcomes.append(error)
-            continue
+        digit = digits[index]
         row_scale, col_scale = original_height / height, original_width / width
         report = PreprocessReport(
             inverted=bool(dark[index]),
@@ -307,8 +312,11 @@ def _pil_to_greyscale(image: Image.Image) -> np.ndarray:
         # a large picture: greyscale and average in 8 bits before any float copy is made
         grey_alpha = np.asarray(image.convert("RGBA").convert("LA").reduce(factor), dtype=np.float32) / 255.0
         return _composite_over_white(grey_alpha[:, :, :1], grey_alpha[:, :, 1], weights=np.ones(1, np.float32))
-    grey = image.convert("L")
-    return np.asarray(grey.reduce(factor) if factor >= 2 else grey, dtype=np.float32) / 255.0
+    grey = image.convert("L") if image.mode != "L" else image
+    if factor >= 2:
+        grey = grey.reduce(factor)
+    # its bytes, not `np.asarray`: Pillow's array interface costs more than a small picture's conversion
+    return np.frombuffer(grey.tobytes(), np.uint8).reshape(grey.height, grey.width).astype(np.float32) / 255.0
 
 
 def _unit_range(array: np.ndarray) -> np.ndarray:
@@ -363,39 +371,13 @@ def denoise(grey: np.ndarray, jump: float = 0.25) -> np.ndarray:
     height, width = grey.shape[-2:]
     if min(height, width) < 2:
         return grey
-    padded = _pad_one(grey, reflect=True)  # an edge pixel's outside neighbours mirror its inside ones
-    highest, lowest = _ring_extreme(padded, np.maximum), _ring_extreme(padded, np.minimum)
-    isolated = ((grey > highest + jump) | (grey < lowest - jump)) & (highest - lowest < jump)
-    if not isolated.any():
-        return grey
-    neighbours = np.stack(
-        [padded[..., dr : dr + height, dc : dc + width] for dr in range(3) for dc in range(3) if (dr, dc) != (1, 1)]
-    )
-    return np.where(isolated, neighbours.mean(axis=0), grey).astype(np.float32)
+    cleaned = pixel_loops.denoise(_as_stack(grey), jump)
+    return cleaned.reshape(grey.shape)
 
 
-def _ring_extreme(padded: np.ndarray, extreme: np.ufunc) -> np.ndarray:
-    """`extreme` (np.maximum or np.minimum) of each inner pixel's eight neighbours in a one-pixel-padded image."""
-    across = extreme(extreme(padded[..., :, :-2], padded[..., :, 1:-1]), padded[..., :, 2:])
-    return extreme(extreme(across[..., :-2, :], across[..., 2:, :]), extreme(padded[..., 1:-1, :-2], padded[..., 1:-1, 2:]))
-
-
-def _pad_one(image: np.ndarray, reflect: bool) -> np.ndarray:
-    """A one-pixel border around an image (or each of a stack): mirrored (`np.pad` mode "reflect") or
-    repeated ("edge").
-
-    `np.pad` does the same, at several times the cost on the small pictures a service sees.
-    """
-    first, last = (slice(1, 2), slice(-2, -1)) if reflect else (slice(0, 1), slice(-1, None))
-    rows = np.concatenate([image[..., first, :], image, image[..., last, :]], axis=-2)
-    return np.concatenate([rows[..., first], rows, rows[..., last]], axis=-1)
-
-
-def _pad_zeros(image: np.ndarray, width: int) -> np.ndarray:
-    """`width` pixels of zeros around a 2-D image (`np.pad`'s default, cheaper)."""
-    padded = np.zeros((image.shape[0] + 2 * width, image.shape[1] + 2 * width), dtype=image.dtype)
-    padded[width : width + image.shape[0], width : width + image.shape[1]] = image
-    return padded
+def _as_stack(image: np.ndarray) -> np.ndarray:
+    """A picture (H×W) or stack (…×H×W) as the C-contiguous float32 N×H×W stack `pixel_loops` reads."""
+    return np.ascontiguousarray(image, dtype=np.float32).reshape(-1, *image.shape[-2:])
 
 
 def _median(values: np.ndarray, likely: float | None = None) -> np.ndarray:
@@ -422,16 +404,11 @@ def _median(values: np.ndarray, likely: float | None = None) -> np.ndarray:
 
 
 def _percentiles(values: np.ndarray, percents: tuple[float, ...]) -> np.ndarray:
-    """`np.percentile(values, percents, axis=-1)` (linear interpolation: the same float64 values), by one partition."""
-    count = values.shape[-1]
-    q = np.asarray(percents, dtype=np.float64) / 100
-    position = (count - 1) * q  # numpy's index for its "linear" method
-    below = np.clip(np.floor(position), 0, count - 1).astype(np.intp)
-    above = np.minimum(below + 1, count - 1)
-    ordered = np.partition(values, sorted({*below.tolist(), *above.tolist()}), axis=-1)
-    low, high = ordered[..., below], ordered[..., above]
-    gamma, step = position - below, high - low
-    return np.moveaxis(np.where(gamma >= 0.5, high - step * (1 - gamma), low + step * gamma), -1, 0)
+    """`np.percentile(values, percents, axis=-1)` (linear interpolation: the same float64 values) for percents
+    near 0 and 100 (`pixel_loops.percentiles`)."""
+    rows = np.ascontiguousarray(values).reshape(-1, values.shape[-1])
+    found = pixel_loops.percentiles(rows, np.asarray(percents, dtype=np.float64))
+    return found.reshape(len(percents), *values.shape[:-1])
 
 
 def _pixels(image: np.ndarray) -> np.ndarray:
@@ -487,11 +464,16 @@ def flatten_background(ink: np.ndarray, grid: int = 6, spread: float = 0.08) -> 
     grid×grid split, the lowest of each cell's neighbours, interpolated smoothly.
     """
     height, width = ink.shape[-2:]
+    if min(height, width) < 2 * grid:
+        return ink
+    band = _outer_band(ink)  # the edges' pixels (all of a small picture's)
+    if not (band.max(axis=-1).astype(np.float64) - band.min(axis=-1) > spread).any():
+        return ink  # the edges' levels lie within the spread of their pixels
     rows, cols = max(1, round(0.1 * height)), max(1, round(0.1 * width))
     edges = [ink[..., :rows, :], ink[..., -rows:, :], ink[..., :cols], ink[..., -cols:]]
     levels = np.stack([_median(_pixels(edge)) for edge in edges])
     uneven = levels.max(axis=0).astype(np.float64) - levels.min(axis=0) > spread
-    if not uneven.any() or min(height, width) < 2 * grid:
+    if not uneven.any():
         return ink
     if ink.ndim == 2:
         return _without_background(ink, grid)
@@ -514,8 +496,9 @@ def _without_background(ink: np.ndarray, grid: int) -> np.ndarray:
 
 
 def _neighbourhood_max(values: np.ndarray) -> np.ndarray:
-    """Each element's maximum over its 3×3 neighbourhood (a dilation, for boolean masks)."""
-    return np.maximum(_ring_extreme(_pad_one(values, reflect=False), np.maximum), values)
+    """Each element's maximum over its 3×3 neighbourhood, the edges repeated outside (a 2-D array)."""
+    padded = np.pad(values, 1, mode="edge")
+    return np.lib.stride_tricks.sliding_window_view(padded, (3, 3)).max(axis=(-2, -1))
 
 
 def threshold(ink: np.ndarray) -> np.ndarray:
@@ -527,24 +510,13 @@ def threshold(ink: np.ndarray) -> np.ndarray:
     the cut-off), so the anti-aliased rim survives. Raises `DigitlabError` for
     a picture with (almost) no contrast; in a stack, such a picture is left without ink.
     """
-    background = np.asarray(background_level(ink))
-    contrast = _pixels(ink).max(axis=-1).astype(np.float64) - background
-    blank = contrast < MIN_CONTRAST
-    if ink.ndim == 2 and blank:
+    background = np.asarray(background_level(ink), dtype=np.float64)
+    stretched, blank = pixel_loops.stretch(_as_stack(ink), background.reshape(-1), MIN_CONTRAST)
+    if ink.ndim == 2 and blank[0]:
         raise DigitlabError(NO_INK_MESSAGE)
-    scale = np.where(blank, 1.0, contrast)
-    stretched = np.clip((ink - _as_pixel(background)) / _as_pixel(scale), 0.0, 1.0).astype(np.float32)
-    noise = np.asarray(pixel_noise(stretched))
+    noise = np.asarray(pixel_noise(stretched)).reshape(-1)
     cut = np.minimum(0.5, np.maximum(MIN_INK_LEVEL, 4.0 * noise))
-    near_strokes = _neighbourhood_max(stretched >= _as_pixel(cut))
-    keep = near_strokes & ((stretched >= _as_pixel(cut / 2)) | _as_pixel(noise <= 0.02)) & ~_as_pixel(blank)
-    return np.where(keep, stretched, 0.0).astype(np.float32)
-
-
-def _as_pixel(values: np.ndarray) -> np.ndarray:
-    """Per-picture values shaped to broadcast over pixels; numbers as float32, as a picture's pixels are."""
-    values = values.astype(np.float32) if values.dtype.kind == "f" else values
-    return values[..., None, None]
+    return pixel_loops.keep_near_strokes(stretched, cut, noise <= 0.02, blank).reshape(ink.shape)
 
 
 def pixel_noise(image: np.ndarray) -> float | np.ndarray:
@@ -553,11 +525,17 @@ def pixel_noise(image: np.ndarray) -> float | np.ndarray:
     Differences cancel smooth ink and background alike, so a digit that covers
     most of the picture (a low-resolution scan enlarged) does not count as noise.
     """
-    differences = _pixels(np.diff(image, axis=-1))
-    if differences.shape[-1] == 0:
+    stack = _as_stack(image)
+    if image.shape[-1] < 2:
         return _per_picture(np.zeros(image.shape[:-2]))
-    deviation = _median(np.abs(differences - _median(differences, 0.0)[..., None]), 0.0).astype(np.float64)
-    return _per_picture(1.4826 * deviation / math.sqrt(2))
+    deviation = np.zeros(len(stack))
+    # most differences exactly zero (a clean picture's flat background and ink): the median deviation is zero
+    count = stack.shape[1] * (stack.shape[2] - 1)
+    uneven = np.flatnonzero(pixel_loops.zero_differences(stack) <= count // 2)
+    if uneven.size:
+        differences = _pixels(np.diff(stack[uneven], axis=-1))
+        deviation[uneven] = _median(np.abs(differences - _median(differences, 0.0)[..., None]), 0.0)
+    return _per_picture((1.4826 * deviation / math.sqrt(2)).reshape(image.shape[:-2]))
 
 
 def remove_border_lines(ink: np.ndarray, coverage: float = 0.8) -> np.ndarray:
@@ -566,11 +544,11 @@ def remove_border_lines(ink: np.ndarray, coverage: float = 0.8) -> np.ndarray:
     Only rows and columns within 15% of an edge count; everything from the edge
     to the innermost such line (and one pixel more, its rim) becomes background.
     """
-    mask = ink > 0
-    height, width = mask.shape[-2:]
+    height, width = ink.shape[-2:]
     band_rows, band_cols = max(1, math.ceil(0.15 * height)), max(1, math.ceil(0.15 * width))
-    row_full = mask.mean(axis=-1) >= coverage
-    col_full = mask.mean(axis=-2) >= coverage
+    row_counts, col_counts = pixel_loops.inked_per_line(_as_stack(ink))
+    row_full = (row_counts / width >= coverage).reshape(*ink.shape[:-2], height)
+    col_full = (col_counts / height >= coverage).reshape(*ink.shape[:-2], width)
     near_edges = np.concatenate(
         [row_full[..., :band_rows], row_full[..., -band_rows:], col_full[..., :band_cols], col_full[..., -band_cols:]],
         axis=-1,
@@ -615,28 +593,13 @@ def _specks_and_pieces(
 
     For a stack (N×H×W): the stack without specks and a list of boxes per picture.
     """
-    stack = ink.reshape(-1, *ink.shape[-2:])
-    inked = stack > 0
-    labels, count = ndimage.label(inked, structure=PIECES_IN_A_STACK)
-    pieces: list[list[tuple[int, int, int, int]]] = [[] for _ in stack]
-    if count:
-        inked = inked.ravel()  # the background's label 0 would be most of the work
-        masses = np.bincount(labels.ravel()[inked], weights=stack.ravel()[inked], minlength=count + 1)[1:]
-        # labels are numbered in raster order, so each picture's are consecutive, after the previous picture's
-        last_label = np.maximum.accumulate(labels.reshape(len(stack), -1).max(axis=1))
-        picture = np.searchsorted(last_label, np.arange(1, count + 1))
-        firsts = np.flatnonzero(np.diff(picture, prepend=-1))
-        largest = np.repeat(np.maximum.reduceat(masses, firsts), np.diff(np.append(firsts, count)))
-        kept = masses >= speck_fraction * largest
-        if not kept.all():
-            stack = np.where(np.concatenate([[False], kept])[labels], stack, 0.0).astype(np.float32)
-        boxes = ndimage.find_objects(labels)
-        for label in np.flatnonzero(masses >= piece_fraction * largest):
-            _, rows, cols = boxes[label]
-            pieces[picture[label]].append((rows.start, cols.start, rows.stop, cols.stop))
+    cleaned, boxes = pixel_loops.specks_and_pieces(_as_stack(ink), speck_fraction, piece_fraction)
+    pieces: list[list[tuple[int, int, int, int]]] = [[] for _ in cleaned]
+    for picture, top, left, bottom, right in boxes.tolist():
+        pieces[picture].append((top, left, bottom, right))
     if ink.ndim == 2:
-        return stack[0], pieces[0]
-    return stack, pieces
+        return cleaned[0], pieces[0]
+    return cleaned.reshape(ink.shape), pieces
 
 
 def looks_like_several_digits(ink: np.ndarray, pieces: list[tuple[int, int, int, int]] | None = None) -> bool:
@@ -675,12 +638,7 @@ def ink_box(ink: np.ndarray) -> tuple[int, int, int, int]:
 
 def _ink_boxes(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`ink_box` of each picture of a stack (N×4; meaningless where there is no ink), and which have ink."""
-    mask = stack > 0
-    rows, cols = mask.any(axis=-1), mask.any(axis=-2)
-    height, width = stack.shape[-2:]
-    top, bottom = rows.argmax(axis=-1), height - rows[:, ::-1].argmax(axis=-1)
-    left, right = cols.argmax(axis=-1), width - cols[:, ::-1].argmax(axis=-1)
-    return np.stack([top, left, bottom, right], axis=-1), rows.any(axis=-1)
+    return pixel_loops.ink_boxes(_as_stack(stack))
 
 
 def sharpen(ink: np.ndarray, sigma: float = SHARPEN_SIGMA, amount: float = SHARPEN_AMOUNT) -> np.ndarray:
@@ -712,21 +670,20 @@ def _sharpen(
     chosen = np.flatnonzero(inked & (sides > SHARPEN_ABOVE * BOX_SIZE))
     if chosen.size == 0:
         return stack
-    height, width = stack.shape[-2:]
-    spreads = [sigma * int(side) / BOX_SIZE for side in sides[chosen]]
-    down = np.stack([_gaussian_matrix(height, spread) for spread in spreads])
-    across = np.stack([_gaussian_matrix(width, spread).T for spread in spreads])
-    selected = stack[chosen]
-    sharpened = np.clip(selected + amount * (selected - down @ selected @ across), 0.0, 1.0)
-    result = stack.astype(np.float32)
-    result[chosen] = np.where(sharpened >= MIN_INK_LEVEL / 2, sharpened, 0.0)
+    result = stack.astype(np.float32)  # a copy
+    for index in chosen:
+        # pixels outside the ink's box are zero, and stay zero (ink - blur <= 0): the blur is needed only inside
+        top, left, bottom, right = (int(side) for side in boxes[index])
+        spread = sigma * int(sides[index]) / BOX_SIZE
+        down, across = _gaussian_matrix(bottom - top, spread), _gaussian_matrix(right - left, spread)
+        pixel_loops.unsharp(result[index], top, left, bottom, right, down, across, amount, MIN_INK_LEVEL / 2)
     return result
 
 
 @functools.lru_cache(maxsize=256)
 def _gaussian_matrix(size: int, sigma: float) -> np.ndarray:
-    """The matrix of a 1-D Gaussian blur of `size` samples, with zeros beyond the edges (read-only, cached:
-    pictures of one size and similar digits ask for the same few)."""
+    """The matrix of a 1-D Gaussian blur of `size` samples, with zeros beyond the edges (symmetric, read-only,
+    cached: similar digits ask for the same few)."""
     offsets = np.arange(size, dtype=np.float32)
     weights = np.exp(-((offsets[:, None] - offsets[None, :]) ** 2) / np.float32(2 * sigma**2))
     reach = np.arange(-math.ceil(4 * sigma), math.ceil(4 * sigma) + 1, dtype=np.float32)
@@ -741,53 +698,24 @@ def crop_to_ink(ink: np.ndarray, margin: float = CROP_MARGIN) -> np.ndarray:
     The margin gives the anti-aliasing filter of `fit_to_box` real background
     around the strokes.
     """
-    return _crop(ink, ink_box(ink), margin)[0]
+    return pixel_loops.crop(_as_stack(ink)[0], *ink_box(ink), margin)[0]
 
 
-def _crop(
-    ink: np.ndarray, box: Sequence[int], margin: float = CROP_MARGIN
-) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """`crop_to_ink` given the ink's box, and the ink's box in the cropped picture."""
-    top, left, bottom, right = (int(side) for side in box)
-    pad = math.ceil(margin * max(bottom - top, right - left)) + 1
-    return _pad_zeros(ink[top:bottom, left:right], pad), (pad, pad, pad + bottom - top, pad + right - left)
-
-
-def fit_to_box(ink: np.ndarray, box: int = BOX_SIZE, pad: int = 2) -> np.ndarray:
+def fit_to_box(ink: np.ndarray, box: int = BOX_SIZE, pad: int = FIT_PAD) -> np.ndarray:
     """Scale so that the ink's longer side is `box` pixels, keeping the aspect ratio (Lanczos, anti-aliased).
 
     The result holds the scaled ink with `pad` pixels of background around it;
     ink at exactly the right size comes back unchanged.
     """
-    return _fit(ink, ink_box(ink), box, pad)
-
-
-def _fit(ink: np.ndarray, ink_at: tuple[int, int, int, int], box: int = BOX_SIZE, pad: int = 2) -> np.ndarray:
-    """`fit_to_box` given the ink's box."""
-    top, left, bottom, right = ink_at
-    height, width = bottom - top, right - left
-    scale = box / max(height, width)
-    out_height, out_width = math.ceil(height * scale - 1e-6) + 2 * pad, math.ceil(width * scale - 1e-6) + 2 * pad
-    source_height, source_width = out_height / scale, out_width / scale
-    source_top = (top + bottom - source_height) / 2
-    source_left = (left + right - source_width) / 2
-    margin = math.ceil(max(0.0, -source_top, -source_left, source_top + source_height - ink.shape[0],
-                           source_left + source_width - ink.shape[1])) + 1
-    padded = Image.fromarray(_pad_zeros(ink.astype(np.float32), margin))
-    region = (source_left + margin, source_top + margin, source_left + margin + source_width,
-              source_top + margin + source_height)
-    scaled = padded.resize((out_width, out_height), Image.Resampling.LANCZOS, box=region)
-    return np.clip(np.asarray(scaled), 0.0, 1.0)
+    return pixel_loops.fit(_as_stack(ink)[0], *ink_box(ink), box, pad)
 
 
 def center_of_mass(image: np.ndarray) -> tuple[float, float]:
     """The intensity-weighted mean position (row, col) of an image's pixels."""
-    total = float(image.sum())
+    row, col, total = pixel_loops.center_of_mass(_as_stack(image)[0])
     if total <= 0:
         raise DigitlabError(NO_INK_MESSAGE)
-    rows = np.arange(image.shape[0], dtype=np.float64)
-    cols = np.arange(image.shape[1], dtype=np.float64)
-    return float(image.sum(axis=1) @ rows) / total, float(image.sum(axis=0) @ cols) / total
+    return row, col
 
 
 def center_by_mass(image: np.ndarray, size: int = FIELD_SIZE) -> np.ndarray:
@@ -797,14 +725,7 @@ def center_by_mass(image: np.ndarray, size: int = FIELD_SIZE) -> np.ndarray:
     (measured on the training set), i.e. half a pixel below and right of the
     geometric centre 13.5; anything falling outside the field is cut off.
     """
-    com_row, com_col = center_of_mass(image)
-    shift_row, shift_col = round(size / 2 - com_row), round(size / 2 - com_col)
-    field = np.zeros((size, size), dtype=np.float32)
-    height, width = image.shape
-    dest_top, dest_left = max(0, shift_row), max(0, shift_col)
-    dest_bottom, dest_right = min(size, shift_row + height), min(size, shift_col + width)
-    if dest_bottom > dest_top and dest_right > dest_left:
-        field[dest_top:dest_bottom, dest_left:dest_right] = image[
-            dest_top - shift_row : dest_bottom - shift_row, dest_left - shift_col : dest_right - shift_col
-        ]
+    field, placed = pixel_loops.center_by_mass(_as_stack(image)[0], size)
+    if not placed:
+        raise DigitlabError(NO_INK_MESSAGE)
     return field
