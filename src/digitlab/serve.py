@@ -36,7 +36,7 @@ from typing import Annotated, Any, TypeVar
 import h11
 import numpy as np
 import torch
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -52,7 +52,7 @@ from digitlab.errors import DigitlabError
 from digitlab.inference import DigitRecognizer
 from digitlab.predict import bundled_model_path, classify, load_recognizer
 from digitlab.preparation import ImagePrediction, prepare_chunk, prepare_image
-from digitlab.preprocess import MAX_PIXELS, declared_pixels, load_image
+from digitlab.preprocess import MAX_PIXELS, compile_loops, declared_pixels, load_image
 from digitlab.results import PredictResponse, image_result
 from digitlab.serve_limits import CLIENT_TIMEOUT, MAX_CONNECTIONS, SHUTDOWN_TIMEOUT, TIME_BUDGET
 from digitlab.serve_runs import router as runs_router
@@ -98,6 +98,15 @@ class PixelImages(BaseModel):
     return_image: bool = Field(False, description="also return the preprocessed 28×28 image as base64 PNG")
 
 
+RETURN_IMAGE_PARAMETER = {
+    "name": "return_image",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "boolean", "default": False},
+    "description": "also return the 28×28 images the model saw",
+}
+FLAG_VALUES = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+"""The spellings of a query flag FastAPI accepts for a bool."""
 PREDICT_REQUEST_BODY = {
     "required": True,
     "content": {
@@ -348,12 +357,15 @@ def create_app(
 
 @asynccontextmanager
 async def running(app: FastAPI) -> AsyncIterator[None]:
-    """The app's lifespan: warm the network up, start the batcher and the preprocessing pool; stop them."""
+    """The app's lifespan: warm the preprocessing and the network up, start the batcher and the preprocessing
+    pool; stop them."""
     service: Service = app.state.service
     # The network reads small batches: threads of one operator only wait for each other (tens of
     # ms on a busy machine); cores are used by the preprocessing pool and by --workers instead.
     torch.set_num_threads(1)
-    await run_in_threadpool(service.recognizer.predict, np.zeros((1, 28, 28), dtype=np.uint8))
+    await run_in_threadpool(compile_loops)
+    for size in range(1, BATCH_REQUESTS + 1):  # the batch sizes of one-picture requests: no first-time set-up later
+        await run_in_threadpool(service.recognizer.predict, np.zeros((size, 28, 28), dtype=np.uint8))
     # The 200,000-odd objects of the imports and the model live as long as the app: kept out of the
     # collector's sight, full collections no longer walk them all (~100 ms pauses under load).
     gc.collect()
@@ -410,7 +422,7 @@ async def model_card(service: CurrentService) -> dict[str, Any]:
     f"{MAX_BODY_BYTES} bytes, {MAX_PIXELS:,} pixels per image and {MAX_REQUEST_PIXELS:,} per request "
     "(`digitlab serve` options change them). Images are preprocessed as MNIST digits "
     "(polarity, crop, 20-pixel box, centre of mass) exactly as by `digitlab predict`.",
-    openapi_extra={"requestBody": PREDICT_REQUEST_BODY},
+    openapi_extra={"requestBody": PREDICT_REQUEST_BODY, "parameters": [RETURN_IMAGE_PARAMETER]},
     responses={
         401: {"description": "the server needs an API key and the request has none or a wrong one"},
         408: {"description": "the client paused sending its body for too long"},
@@ -420,11 +432,11 @@ async def model_card(service: CurrentService) -> dict[str, Any]:
         503: {"description": "the server is starting, stopping or at its connection limit"},
     },
 )
-async def predict_endpoint(
-    request: Request,
-    service: CurrentService,
-    return_image: bool = Query(False, description="also return the 28×28 images the model saw"),
-) -> PredictResponse:
+async def predict_endpoint(request: Request) -> PredictResponse:
+    # The service and the query read directly: FastAPI's dependency and parameter machinery cost more than
+    # anything else of a small request's HTTP side (benchmarks/load.py)
+    service: Service = request.app.state.service
+    return_image = query_flag(request, "return_image")
     batcher, limits = service.batcher, service.limits
     if batcher is None:
         raise HTTPException(503, "the model is not ready yet; retry in a moment")
@@ -458,6 +470,14 @@ async def predict_endpoint(
 async def in_pool(service: Service, function: Callable[..., T], *args: Any) -> T:
     """Run `function(*args)` in the service's preprocessing pool, off the event loop (where the batcher runs)."""
     return await asyncio.get_running_loop().run_in_executor(service.pool, function, *args)
+
+
+def query_flag(request: Request, name: str) -> bool:
+    """A true/false query parameter (absent: false), 422 for any other value."""
+    value = request.query_params.get(name, "false").lower()
+    if value not in FLAG_VALUES:
+        raise HTTPException(422, f"query parameter {name}={value!r}: use true or false")
+    return FLAG_VALUES[value]
 
 
 def create_app_from_environment() -> FastAPI:
