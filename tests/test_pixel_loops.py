@@ -33,6 +33,16 @@ def test_denoise_replaces_exactly_the_isolated_specks_by_their_neighbours_mean(s
     np.testing.assert_array_equal(pixel_loops.denoise(stack, 0.25), expected)
 
 
+def test_denoise_gives_back_a_stack_without_specks_as_it_is():
+    stack = np.zeros((2, 6, 6), np.float32)
+    stack[:, 1:5, 2:4] = 1.0  # a stroke, no speck
+    assert pixel_loops.denoise(stack, 0.25) is stack
+    stack[1, 0, 5] = 1.0  # a speck in the second picture only
+    cleaned = pixel_loops.denoise(stack, 0.25)
+    assert cleaned is not stack and cleaned[1, 0, 5] == 0 and stack[1, 0, 5] == 1
+    np.testing.assert_array_equal(cleaned[0], stack[0])
+
+
 @given(seed=st.integers(0, 2**32 - 1), height=st.integers(1, 20), width=st.integers(1, 20), ink=st.floats(0, 1))
 @settings(max_examples=80, deadline=None)
 def test_pieces_are_scipys_8_connected_labels_with_their_masses_and_boxes(seed, height, width, ink):

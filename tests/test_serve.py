@@ -135,6 +135,20 @@ def test_uploads_are_predicted_exactly_as_predict_images_does(client, bundled_mo
     assert agreement >= 0.75
 
 
+def test_return_image_reads_as_fastapis_bool_parameters_do(client, digits):
+    files = {"files": ("a.png", png_bytes(digits[0][0]), "image/png")}
+    for spelling, wanted in (("t", True), ("YES", True), ("on", True), ("0", False), ("n", False)):
+        response = client.post("/v1/predict", files=files, params={"return_image": spelling})
+        assert response.status_code == 200, (spelling, response.text)
+        assert (response.json()["predictions"][0]["image"] is not None) == wanted, spelling
+    refused = client.post("/v1/predict", files=files, params={"return_image": "maybe"})
+    assert refused.status_code == 422
+    (problem,) = refused.json()["detail"]
+    assert problem["loc"] == ["query", "return_image"] and problem["type"] == "bool_parsing"
+    parameters = client.get("/openapi.json").json()["paths"]["/v1/predict"]["post"]["parameters"]
+    assert [(p["name"], p["in"], p["schema"]["type"]) for p in parameters] == [("return_image", "query", "boolean")]
+
+
 def test_images_are_returned_only_on_request(client, digits):
     response = client.post("/v1/predict", files={"files": ("a.png", png_bytes(digits[0][0]), "image/png")})
     assert response.status_code == 200

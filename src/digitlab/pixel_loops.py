@@ -19,7 +19,8 @@ from numba import njit
 
 @njit(cache=True, nogil=True)
 def denoise(stack: np.ndarray, jump: float) -> np.ndarray:
-    """`digitlab.preprocess.denoise` of each picture: an isolated speck takes the mean of its eight neighbours.
+    """`digitlab.preprocess.denoise` of each picture: an isolated speck takes the mean of its eight neighbours
+    (the stack itself comes back when it has none).
 
     A pixel is a speck when its eight neighbours lie within `jump` of each
     other and it lies more than `jump` above or below all of them; outside
@@ -27,7 +28,7 @@ def denoise(stack: np.ndarray, jump: float) -> np.ndarray:
     """
     count, height, width = stack.shape
     step = np.float32(jump)  # numpy compares a float32 picture with a Python number in float32
-    cleaned = _copy(stack)
+    cleaned = stack  # copied at the first speck
     padded = np.empty((height + 2, width + 2), np.float32)
     specks = np.empty(width, np.bool_)
     for picture in range(count):
@@ -46,6 +47,8 @@ def denoise(stack: np.ndarray, jump: float) -> np.ndarray:
                     continue
                 total = above[col] + above[col + 1] + above[col + 2] + middle[col] + middle[col + 2]
                 total = total + below[col] + below[col + 1] + below[col + 2]  # numpy's order of additions
+                if cleaned is stack:
+                    cleaned = _copy(stack)
                 cleaned[picture, row, col] = total / np.float32(8)
     return cleaned
 

@@ -37,10 +37,11 @@ import h11
 import numpy as np
 import torch
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -105,8 +106,8 @@ RETURN_IMAGE_PARAMETER = {
     "schema": {"type": "boolean", "default": False},
     "description": "also return the 28×28 images the model saw",
 }
-FLAG_VALUES = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-"""The spellings of a query flag FastAPI accepts for a bool."""
+QUERY_FLAG = TypeAdapter(bool)
+"""Reads a query flag as FastAPI's bool parameters do (pydantic: true/false, 1/0, yes/no, on/off, t/f, y/n)."""
 PREDICT_REQUEST_BODY = {
     "required": True,
     "content": {
@@ -473,11 +474,15 @@ async def in_pool(service: Service, function: Callable[..., T], *args: Any) -> T
 
 
 def query_flag(request: Request, name: str) -> bool:
-    """A true/false query parameter (absent: false), 422 for any other value."""
-    value = request.query_params.get(name, "false").lower()
-    if value not in FLAG_VALUES:
-        raise HTTPException(422, f"query parameter {name}={value!r}: use true or false")
-    return FLAG_VALUES[value]
+    """A true/false query parameter (absent: false); any other value is FastAPI's 422 for a bool parameter."""
+    value = request.query_params.get(name)
+    if value is None:
+        return False
+    try:
+        return QUERY_FLAG.validate_python(value)
+    except ValidationError as error:
+        problems = [{**problem, "loc": ("query", name)} for problem in error.errors(include_url=False)]
+        raise RequestValidationError(problems) from None
 
 
 def create_app_from_environment() -> FastAPI:
