@@ -407,6 +407,20 @@ def test_load_image_refuses_huge_declared_sizes_before_decoding(tmp_path):
         pp.load_image(png_bytes(Image.new("L", (20, 20))), max_pixels=100)
 
 
+def test_open_image_reads_the_header_only_and_decode_image_the_pixels():
+    """A file's size is known, and checked, before any pixel is decoded; broken pixel data fails only then."""
+    data = png_bytes(Image.new("L", (300, 200), 255))
+    opened = pp.open_image(data[: len(data) // 2])  # the header is whole, the pixel data cut short
+    assert opened.size == (300, 200)
+    with pytest.raises(DigitlabError, match="truncated or corrupt"):
+        pp.decode_image(opened)
+    assert np.asarray(pp.decode_image(pp.open_image(data))).min() == 255
+    with pytest.raises(DigitlabError, match="too large"):
+        pp.open_image(png_declaring(4000, 4000))
+    with pytest.raises(DigitlabError, match="empty"):
+        pp.open_image(b"")
+
+
 def test_load_image_rejects_missing_paths_directories_and_other_formats(tmp_path):
     with pytest.raises(DigitlabError, match="no such file"):
         pp.load_image(tmp_path / "missing.png")

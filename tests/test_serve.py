@@ -64,11 +64,13 @@ def digits(mnist):
     return x_test[:40], y_test[:40]
 
 
-def test_a_running_app_keeps_its_startup_objects_out_of_the_collectors_sight(app):
+def test_a_running_app_keeps_its_startup_objects_out_of_the_collectors_sight_and_collects_less_often(app):
+    before = gc.get_threshold()
     with TestClient(app):
-        frozen = gc.get_freeze_count()
+        frozen, during = gc.get_freeze_count(), gc.get_threshold()
     assert frozen > 10_000  # the imports' and the model's objects
-    assert gc.get_freeze_count() == 0  # given back to the collector when the app stops
+    assert during == (serve_module.YOUNG_OBJECTS, *before[1:]) and serve_module.YOUNG_OBJECTS > before[0]
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == before  # as they were when the app stops
 
 
 def test_health_and_readiness(client, bundled_model_path, digits):

@@ -121,33 +121,31 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int = M
             data = stream.read()  # at once: Pillow's many small reads from a file cost more than its decoding
         if not data:
             raise DigitlabError(f"{path}: the file is empty")
-        return _decode(io.BytesIO(data), f"{path}: ", max_pixels)
+        return _load(_open(io.BytesIO(data), f"{path}: ", max_pixels), f"{path}: ")
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif hasattr(source, "read"):
         data = source.read()
     else:
         raise DigitlabError(f"cannot read an image from a {type(source).__name__}; pass a path, bytes or a file")
+    return decode_image(open_image(data, max_pixels))
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Image file bytes opened as `load_image` opens them: the header read and checked (`DigitlabError` for
+    empty, non-image or oversized data), no pixel decoded yet: `decode_image` does that."""
     if not data:
         raise DigitlabError("the image data is empty")
-    return _decode(io.BytesIO(data), "", max_pixels)
+    return _open(io.BytesIO(data), "", max_pixels)
 
 
-def declared_pixels(data: bytes) -> int:
-    """The width × height an image file's header declares, without decoding it; 0 when unreadable."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-                return image.width * image.height
-    except Image.DecompressionBombError as error:
-        declared = re.search(r"(\d+) pixels", str(error))
-        return int(declared.group(1)) if declared else 0
-    except Exception:  # load_image says why, when the file is decoded
-        return 0
+def decode_image(image: Image.Image) -> Image.Image:
+    """The pixels of a picture `open_image` opened, decoded and turned upright (`DigitlabError` when truncated
+    or corrupt)."""
+    return _load(image, "")
 
 
-def _decode(stream: BinaryIO, prefix: str, max_pixels: int) -> Image.Image:
+def _open(stream: BinaryIO, prefix: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -169,9 +167,14 @@ def _decode(stream: BinaryIO, prefix: str, max_pixels: int) -> Image.Image:
         # decode at 1/2, 1/4 or 1/8 scale (in the DCT), keeping the longer side at least WORKING_SIZE
         scale = WORKING_SIZE / max(width, height)
         image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
+    return image
+
+
+def _load(image: Image.Image, prefix: str) -> Image.Image:
     try:
         image.load()
-        return ImageOps.exif_transpose(image)  # phone photos: turn upright as the camera was held
+        ImageOps.exif_transpose(image, in_place=True)  # phone photos: turn upright as the camera was held
+        return image
     except Exception as error:
         raise DigitlabError(f"{prefix}the image data is truncated or corrupt ({error})") from None
 
@@ -466,21 +469,22 @@ def flatten_background(ink: np.ndarray, grid: int = 6, spread: float = 0.08) -> 
     height, width = ink.shape[-2:]
     if min(height, width) < 2 * grid:
         return ink
-    band = _outer_band(ink)  # the edges' pixels (all of a small picture's)
-    if not (band.max(axis=-1).astype(np.float64) - band.min(axis=-1) > spread).any():
-        return ink  # the edges' levels lie within the spread of their pixels
+    stack = _as_stack(ink)
+    band = _outer_band(stack)  # the edges' pixels (all of a small picture's)
+    varied = np.flatnonzero(band.max(axis=-1).astype(np.float64) - band.min(axis=-1) > spread)
+    if not len(varied):
+        return ink  # in each picture, the edges' levels lie within the spread of their pixels
     rows, cols = max(1, round(0.1 * height)), max(1, round(0.1 * width))
-    edges = [ink[..., :rows, :], ink[..., -rows:, :], ink[..., :cols], ink[..., -cols:]]
+    candidates = stack[varied]
+    edges = [candidates[:, :rows, :], candidates[:, -rows:, :], candidates[..., :cols], candidates[..., -cols:]]
     levels = np.stack([_median(_pixels(edge)) for edge in edges])
-    uneven = levels.max(axis=0).astype(np.float64) - levels.min(axis=0) > spread
-    if not uneven.any():
+    uneven = varied[levels.max(axis=0).astype(np.float64) - levels.min(axis=0) > spread]
+    if not len(uneven):
         return ink
-    if ink.ndim == 2:
-        return _without_background(ink, grid)
-    flattened = ink.copy()
-    for index in np.flatnonzero(uneven):
-        flattened[index] = _without_background(ink[index], grid)
-    return flattened
+    flattened = stack.copy()
+    for index in uneven:
+        flattened[index] = _without_background(stack[index], grid)
+    return flattened.reshape(ink.shape)
 
 
 def _without_background(ink: np.ndarray, grid: int) -> np.ndarray:
