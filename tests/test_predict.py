@@ -7,6 +7,8 @@ import importlib
 import io
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from digitlab.predict import (
     classify,
     load_recognizer,
     predict_images,
+    read_ahead,
 )
 from digitlab.preprocess import MULTIPLE_DIGITS_WARNING
 
@@ -318,3 +321,23 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys):
     assert "--min-confidence must be between 0 and 1" in capsys.readouterr().err
     assert main(["predict", str(picture), "--model", str(tmp_path / "missing.safetensors")]) == 2
     assert capsys.readouterr().err.startswith("digitlab: error:")
+
+
+def test_read_ahead_gives_every_item_in_order_taking_the_next_list_in_another_thread_meanwhile():
+    taken_by: list[threading.Thread] = []
+
+    def items():
+        for item in range(10):
+            taken_by.append(threading.current_thread())
+            yield item
+
+    batches = []
+    for batch in read_ahead(items(), 4):
+        if not batches:  # while the caller holds the first list, the second is being taken
+            deadline = time.monotonic() + 10
+            while len(taken_by) < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(taken_by) == 8
+        batches.append(batch)
+    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert threading.current_thread() not in taken_by

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from itertools import islice
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ from digitlab.inference import DigitRecognizer, Prediction, Recognizer, load_onn
 from digitlab.preparation import ImagePrediction, ImageSource, prepare_images, uses_workers
 from digitlab.preparation import prepare_image as prepare_image  # its home before digitlab.preparation
 from digitlab.serialization import load_model
+
+T = TypeVar("T")
 
 
 def bundled_model_path() -> Path:
@@ -80,6 +83,16 @@ def classify(
             result.warnings = [LOW_CONFIDENCE_WARNING, *result.warnings]
 
 
+def read_ahead(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    """`items` in lists of `size` (the last may be shorter), each next list taken in a thread of its own while
+    the caller works on the current one."""
+    with ThreadPoolExecutor(1, thread_name_prefix="digitlab-read-ahead") as pool:
+        upcoming = pool.submit(lambda: list(islice(items, size)))
+        while batch := upcoming.result():
+            upcoming = pool.submit(lambda: list(islice(items, size)))
+            yield batch
+
+
 def predict_images(
     sources: Iterable[ImageSource],
     model: str | os.PathLike | DigitRecognizer | nn.Module | None = None,
@@ -93,7 +106,8 @@ def predict_images(
 
     Each picture is loaded safely (`digitlab.preprocess.load_image`) and put
     through the MNIST-style preprocessing, many at a time (`preprocess_many`);
-    pictures are then run through the network `batch_size` at a time. A picture
+    pictures are then run through the network `batch_size` at a time, the next
+    batch being prepared in a thread meanwhile (`read_ahead`). A picture
     that cannot be read, or has no ink, gets an `ImagePrediction` with `error`
     set and the rest go on. Predictions whose (calibrated) probability is below
     `min_confidence` are marked "not sure", and pictures that seem to hold
@@ -115,13 +129,14 @@ def predict_images(
         recognizer = load_recognizer(model)
     sources = list(sources)
     prepared = prepare_images(sources, workers)
-    pooled = uses_workers(len(sources), workers)
+    # the next batch is prepared (in this process, or gathered from the workers) while the network reads this one
+    preparing = workers if uses_workers(len(sources), workers) else 1
     results: list[ImagePrediction] = []
     with (
-        devices.fewer_threads((os.cpu_count() or 1) - workers) if pooled else nullcontext(),
+        devices.fewer_threads((os.cpu_count() or 1) - preparing),
         tqdm(total=len(sources), unit="image", disable=None if progress else True, file=sys.stderr) as bar,
     ):
-        while batch := list(islice(prepared, batch_size)):
+        for batch in read_ahead(prepared, batch_size):
             classify(recognizer, batch, top_k, min_confidence)
             results.extend(batch)
             bar.update(len(batch))
