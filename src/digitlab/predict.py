@@ -86,10 +86,13 @@ def classify(
 def read_ahead(items: Iterator[T], size: int) -> Iterator[list[T]]:
     """`items` in lists of `size` (the last may be shorter), each next list taken in a thread of its own while
     the caller works on the current one."""
+    def take() -> list[T]:
+        return list(islice(items, size))
+
     with ThreadPoolExecutor(1, thread_name_prefix="digitlab-read-ahead") as pool:
-        upcoming = pool.submit(lambda: list(islice(items, size)))
+        upcoming = pool.submit(take)
         while batch := upcoming.result():
-            upcoming = pool.submit(lambda: list(islice(items, size)))
+            upcoming = pool.submit(take)
             yield batch
 
 

@@ -69,7 +69,7 @@ class PartReader:
         self.header_name = bytearray()
         self.header_value = bytearray()
         self.disposition = b""
-        self.keep = self.counted = False
+        self.in_files_field = False
         self.filename: str | None = None
         self.data = bytearray()
 
@@ -88,7 +88,7 @@ class PartReader:
         self.parts += 1
         if self.parts > MAX_PARTS:
             raise HTTPException(413, f"more than {MAX_PARTS} parts in one multipart body; {RESEND}")
-        self.disposition, self.keep, self.counted, self.data = b"", False, False, bytearray()
+        self.disposition, self.in_files_field, self.data = b"", False, bytearray()
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self.header_name += data[start:end]
@@ -105,16 +105,15 @@ class PartReader:
         _, options = parse_options_header(self.disposition)
         if b"name" not in options:
             raise HTTPException(400, f"a multipart part has no field name in its Content-Disposition; {RESEND}")
-        self.keep = options[b"name"] == FILES_FIELD and len(self.files) < self.max_images
-        self.counted = options[b"name"] == FILES_FIELD
+        self.in_files_field = options[b"name"] == FILES_FIELD
         self.filename = self.decode(options[b"filename"]) if b"filename" in options else None
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if self.keep:
+        if self.in_files_field and len(self.files) < self.max_images:
             self.data += data[start:end]
 
     def on_part_end(self) -> None:
-        if self.counted:
+        if self.in_files_field:
             self.files.append((self.filename, bytes(self.data)))
 
     def decode(self, name: bytes) -> str:
