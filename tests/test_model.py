@@ -141,15 +141,30 @@ def test_folding_batchnorm_keeps_the_function_and_leaves_the_model_alone(input_s
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
-def test_global_pooling_gradient_matches_pytorch_and_keeps_the_layout(layout):
+def test_global_pooling_passes_its_gradient_as_a_broadcast_view_with_pytorchs_values(layout, dtype):
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 8, 5, 5, generator=generator).contiguous(memory_format=layout)
-    upstream = torch.randn(4, 8, 1, 1, generator=generator)
-    ours, reference = x.clone().requires_grad_(), x.clone().requires_grad_()
-    GlobalAveragePooling()(ours).backward(upstream)
-    nn.AdaptiveAvgPool2d(1)(reference).backward(upstream)
-    torch.testing.assert_close(ours.grad, reference.grad)
-    assert ours.grad.is_contiguous(memory_format=layout)
+    x = torch.randn(4, 8, 5, 5, generator=generator).to(dtype).contiguous(memory_format=layout)
+    upstream = torch.randn(4, 8, 1, 1, generator=generator).to(dtype)
+
+    def gradients(pooling: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient the pooling hands to the ReLU before it, and the one the ReLU hands on."""
+        before_relu = x.clone().requires_grad_() * 1  # not a leaf: its gradient is kept as written
+        after_relu = torch.relu(before_relu)
+        captured: dict[str, torch.Tensor] = {}
+        before_relu.register_hook(lambda grad: captured.setdefault("relu", grad))
+        after_relu.register_hook(lambda grad: captured.setdefault("pooling", grad))
+        pooling(after_relu).backward(upstream)
+        return captured["pooling"], captured["relu"]
+
+    (ours_pooling, ours_relu), (reference_pooling, reference_relu) = (
+        gradients(GlobalAveragePooling()), gradients(nn.AdaptiveAvgPool2d(1))
+    )
+    torch.testing.assert_close(ours_pooling, reference_pooling)
+    torch.testing.assert_close(ours_relu, reference_relu)
+    assert ours_pooling.stride()[2:] == (0, 0)  # nothing written over height and width
+    assert ours_relu.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(GlobalAveragePooling()(x.clone().requires_grad_()), nn.AdaptiveAvgPool2d(1)(x))
     with torch.no_grad():
         torch.testing.assert_close(GlobalAveragePooling()(x), nn.AdaptiveAvgPool2d(1)(x))

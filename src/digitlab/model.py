@@ -37,10 +37,11 @@ KERAS_BN_EPSILON = 1e-3
 class GlobalAveragePooling(nn.AdaptiveAvgPool2d):
     """Average over height and width (Keras' GlobalAveragePooling2D), N×C×H×W to N×C×1×1.
 
-    Its gradient keeps the memory layout of its input. PyTorch's own backward
-    writes an NCHW gradient even for channels-last activations, and the ReLU
-    before the pooling then runs its backward on mixed layouts, a slow path
-    (benchmarks/README.md gives the measurement).
+    In training its gradient is the upstream one broadcast over height and width,
+    a view: nothing is written, and the ReLU before the pooling writes its gradient
+    in the layout of its own activations. PyTorch's own backward writes an NCHW
+    gradient even for channels-last activations, and the ReLU's backward then runs
+    on mixed layouts, a slow path (benchmarks/README.md gives the measurements).
     """
 
     def __init__(self) -> None:
@@ -48,22 +49,20 @@ class GlobalAveragePooling(nn.AdaptiveAvgPool2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and torch.is_grad_enabled() and x.requires_grad and x.dim() == 4:
-            return _LayoutKeepingAveragePool.apply(x)
+            return _BroadcastGradientAveragePool.apply(x)
         return F.adaptive_avg_pool2d(x, 1)
 
 
-class _LayoutKeepingAveragePool(torch.autograd.Function):
+class _BroadcastGradientAveragePool(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         ctx.input_shape = x.shape
-        ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        return F.adaptive_avg_pool2d(x, 1)
+        return F.avg_pool2d(x, x.shape[-2:])  # for bf16, a third of adaptive pooling's time (no fp32 copy)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         n, c, h, w = ctx.input_shape
-        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        return (grad / (h * w)).expand(n, c, h, w).contiguous(memory_format=layout)
+        return (grad / (h * w)).expand(n, c, h, w)
 
 
 class Resizing(nn.Module):
