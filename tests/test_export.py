@@ -129,6 +129,15 @@ def test_onnx_graph_has_a_symbolic_batch_axis(onnx_export):
     assert graph.output[0].type.tensor_type.shape.dim[0].dim_param
 
 
+def test_exported_graphs_pool_globally_as_before(onnx_export, pt2_export):
+    """The network averages with `avg_pool2d` in PyTorch; exports keep one global average."""
+    operators = {node.op_type for node in onnx.load(str(onnx_export.path)).graph.node}
+    assert "ReduceMean" in operators and "AveragePool" not in operators
+    program = torch.export.load(str(pt2_export.path))
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert "aten.adaptive_avg_pool2d.default" in targets and "aten.avg_pool2d.default" not in targets
+
+
 def test_onnx_metadata_holds_the_preprocessing_contract_and_card(onnx_export, bundled_model_path):
     props = {p.key: p.value for p in onnx.load(str(onnx_export.path)).metadata_props}
     assert props["input_shape"].startswith("N×1×28×28")
