@@ -38,10 +38,10 @@ class GlobalAveragePooling(nn.AdaptiveAvgPool2d):
     """Average over height and width (Keras' GlobalAveragePooling2D), N×C×H×W to N×C×1×1.
 
     In training its gradient is the upstream one broadcast over height and width,
-    a view: nothing is written, and the ReLU before the pooling writes its gradient
-    in the layout of its own activations. PyTorch's own backward writes an NCHW
-    gradient even for channels-last activations, and the ReLU's backward then runs
-    on mixed layouts, a slow path (benchmarks/README.md gives the measurements).
+    a view: nothing is written, and the ReLU before the pooling reads it directly.
+    PyTorch's own backward writes an NCHW gradient even for channels-last
+    activations, and the ReLU's backward then runs on mixed layouts, a slow path
+    (benchmarks/README.md gives the measurements).
     """
 
     def __init__(self) -> None:
@@ -49,7 +49,7 @@ class GlobalAveragePooling(nn.AdaptiveAvgPool2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_exporting():
-            return F.adaptive_avg_pool2d(x, 1)  # exported as one global average (ONNX GlobalAveragePool)
+            return F.adaptive_avg_pool2d(x, 1)  # exported as one global average (ONNX ReduceMean)
         if torch.is_grad_enabled() and x.requires_grad and x.dim() == 4:
             return _BroadcastGradientAveragePool.apply(x)
         return _average(x)
