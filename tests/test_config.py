@@ -69,12 +69,13 @@ def test_the_robust_recipe_is_the_best_recipe_with_degradations():
     robust = TrainConfig.from_recipe("robust", seed=1)
     best = TrainConfig.from_recipe("best", seed=1)
     differ = {f.name for f in fields(TrainConfig) if getattr(robust, f.name) != getattr(best, f.name)}
-    assert differ == {"recipe", "low_res", "stroke", "blur"}
+    assert differ == {"recipe", "input_size", "low_res", "stroke", "blur"}
     assert (robust.low_res, robust.stroke, robust.blur) == (0.5, 0.5, 0.25)
     assert TrainConfig.from_recipe("best").low_res == 0.0  # the best and lab recipes are unchanged
 
 
-def test_the_lab_feeds_the_network_28_pixels_and_the_accuracy_recipes_18():
+def test_the_lab_feeds_the_network_28_pixels_the_best_recipe_16_and_the_robust_18():
     assert TrainConfig().input_size == TrainConfig.from_recipe("lab").input_size == 28
-    assert TrainConfig.from_recipe("best").input_size == TrainConfig.from_recipe("robust").input_size == 18
+    assert TrainConfig.from_recipe("best").input_size == 16
+    assert TrainConfig.from_recipe("robust").input_size == 18
     assert build_parser().parse_args(["train", "--input-size", "22"]).input_size == 22
