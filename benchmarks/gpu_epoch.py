@@ -14,8 +14,8 @@ cuDNN:
 
 Each time is the wall time of the training call (the data already on the GPU),
 median of --repeats runs; the test accuracy comes from the trained weights.
-With --best-seeds it also trains the best recipe (its epochs, the last 10% of the
-training set held out for validation, as the bundled model was) once per seed.
+With --best-seeds it also trains the best recipe (its epochs and input size, the
+last 10% of the training set held out for validation) once per seed.
 
     DIGITLAB_DATA_DIR=/path/to/mnist python benchmarks/gpu_epoch.py --repeats 2 --best-seeds 0 1 2
 """
@@ -92,7 +92,7 @@ def run_variant(variant: str, mnist, device: torch.device) -> dict[str, Any]:
 
 
 def run_best(seed: int, mnist, device: torch.device, precision: str = "auto") -> dict[str, Any]:
-    """The best recipe, validated on the last 10% of the training set, as the bundled model was trained."""
+    """The best recipe, validated on the last 10% of the training set."""
     (x_train, y_train), (x_test, y_test) = mnist
     config = TrainConfig.from_recipe("best", seed=seed, device=str(device), precision=precision)
     model = build_model(seed=seed, input_size=config.input_size)
@@ -162,7 +162,8 @@ def main() -> None:
     failures = [r for r in runs + best if "error" in r]
     trained = [r for r in best if "error" not in r]
     if trained:
-        print(f"Best recipe ({BEST_RECIPE['epochs']} epochs, batch 128, validation on the last 10%), the captured step, "
+        print(f"Best recipe ({BEST_RECIPE['epochs']} epochs at {BEST_RECIPE['input_size']} px, batch {BEST_RECIPE['batch_size']}, "
+              "validation on the last 10%), the captured step, "
               f"--precision {args.best_precision}:")  # fmt: skip
         for r in trained:
             print(f"  seed {r['seed']}: {r['seconds']:.1f} s, validation {r['val_accuracy']:.4f}, "
